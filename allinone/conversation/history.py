@@ -1,0 +1,42 @@
+"""Conversation state: the turns so far, and trimming them to fit the context."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+
+@dataclass
+class Turn:
+    message: str  # what the person typed
+    sentiment: str  # the label detected for it
+    user_content: str  # the user turn as the model saw it (message wrapped by the chat prompt)
+    reply: str  # the assistant's reply (partial if it was interrupted)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+
+def fit_turns(turns: Sequence[Turn], count_tokens: Callable[[Sequence[Turn]], int], budget: int,
+              *, slack: float = 0.25) -> int:
+    """How many of the oldest turns to drop so that `count_tokens(kept) <= budget`.
+
+    When trimming is needed we drop until the prompt fits in (1 - slack) of the budget, not just
+    under it: dropping the oldest turn shifts every later token, which invalidates the prefix
+    cache, so one bigger cut followed by several cache-friendly turns beats a cut on every turn.
+    """
+    if count_tokens(turns) <= budget:
+        return 0
+    target = int(budget * (1 - slack))
+    for drop in range(1, len(turns) + 1):
+        if count_tokens(turns[drop:]) <= target:
+            return drop
+    return len(turns)

@@ -1,0 +1,257 @@
+"""The engine contract: token ids in, scores and token ids out.
+
+An engine knows nothing of prompts, roles or conversations. It offers three things:
+
+* the model's vocabulary (tokenize, token bytes, end-of-generation ids, chat template text);
+* `score(tokens, candidates)`: one forward pass, log-probabilities of candidate next tokens;
+* `generate(tokens, sampling)`: next tokens one by one, stoppable at any point.
+
+Both compute calls go through a prefix KV cache organised in *lanes* (sequences in the KV
+memory). A lane remembers which tokens its KV entries hold; a request on a lane evaluates only
+the tokens after the longest common prefix with what the lane already holds. If another lane
+holds a longer common prefix, its entries are shared into the requested lane first (a cheap
+metadata copy in llama.cpp's unified KV cache), so e.g. a chat turn can start from a prefix
+that a different role already paid for.
+
+Engines are not thread-safe: one caller at a time (the server runs inference on one worker).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class ContextOverflow(EngineError):
+    """The request does not fit in the context window."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repeat_penalty: float = 1.0  # 1 = off; applied to the tokens generated so far
+    seed: int | None = None
+
+
+@dataclass
+class CacheStats:
+    """What the last compute call cost: tokens taken from the cache vs evaluated."""
+
+    reused: int = 0
+    evaluated: int = 0
+
+
+@dataclass
+class _Lane:
+    tokens: list[int] = field(default_factory=list)
+    last_used: int = 0
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64, copy=False)
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator,
+                 generated: Sequence[int]) -> int:
+    logits = logits.astype(np.float64, copy=True)
+    if sampling.repeat_penalty != 1.0 and generated:
+        # CTRL-style penalty, as llama.cpp applies it: shrink positive logits, grow negative ones.
+        seen = np.fromiter(set(generated), dtype=np.int64)
+        vals = logits[seen]
+        logits[seen] = np.where(vals > 0, vals / sampling.repeat_penalty, vals * sampling.repeat_penalty)
+    if sampling.temperature <= 0.0:
+        return int(np.argmax(logits))
+    logits /= sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < logits.size:
+        kth = np.partition(logits, -sampling.top_k)[-sampling.top_k]
+        logits[logits < kth] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs)
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, sampling.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+class Generation:
+    """An iterator of generated token ids. `finish_reason` is set once it ends:
+    "stop" (end-of-generation token), "length" (max_tokens or context full), "cancelled"."""
+
+    def __init__(self, steps: Iterator[int]):
+        self._steps = steps
+        self.finish_reason: str | None = None
+        self.n_generated = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        try:
+            token = next(self._steps)
+        except StopIteration as stop:
+            self.finish_reason = stop.value or "stop"
+            raise
+        self.n_generated += 1
+        return token
+
+    def close(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+        self._steps.close()
+
+
+class Engine(ABC):
+    """Shared logic: lane bookkeeping, scoring and the generation loop. Backends implement the
+    four `_kv_*`/`_decode` primitives and the vocabulary."""
+
+    n_ctx: int
+    n_vocab: int
+    n_lanes: int
+    description: str
+
+    def __init__(self, n_lanes: int):
+        self.n_lanes = n_lanes
+        self._lanes = [_Lane() for _ in range(n_lanes)]
+        self._clock = 0
+        self.last_stats = CacheStats()
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of `text`; with special=True, markers like <|im_end|> become their ids."""
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (may be part of a UTF-8 character)."""
+
+    @property
+    @abstractmethod
+    def eog_tokens(self) -> frozenset[int]:
+        """Tokens that end a generation (end of turn, end of text)."""
+
+    @property
+    @abstractmethod
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, if it ships one."""
+
+    @property
+    def special_token_texts(self) -> dict[str, str]:
+        """bos_token / eos_token strings that chat templates may refer to."""
+        return {}
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # ---- backend primitives -----------------------------------------------------------------
+    @abstractmethod
+    def _kv_truncate(self, lane: int, keep: int) -> None:
+        """Drop the lane's KV entries at positions >= keep."""
+
+    @abstractmethod
+    def _kv_share(self, src: int, dst: int, n: int) -> None:
+        """Make lane dst hold the first n positions of lane src (dst is empty)."""
+
+    @abstractmethod
+    def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
+        """Evaluate tokens at positions start.. on the lane; return last-position logits."""
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _check_lane(self, lane: int) -> None:
+        if not 0 <= lane < self.n_lanes:
+            raise EngineError(f"lane {lane} out of range 0..{self.n_lanes - 1}")
+
+    def _evaluate(self, tokens: Sequence[int], lane: int) -> np.ndarray:
+        """Bring `lane` to hold exactly `tokens` and return the logits after the last one."""
+        self._check_lane(lane)
+        if not tokens:
+            raise EngineError("cannot evaluate an empty token sequence")
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflow(f"{len(tokens)} tokens do not fit in the context of {self.n_ctx}")
+        tokens = list(tokens)
+        state = self._lanes[lane]
+        # At least the last token must be evaluated: its logits are the answer.
+        reuse = min(common_prefix_length(state.tokens, tokens), len(tokens) - 1)
+        donor, donor_reuse = None, reuse
+        for other, other_state in enumerate(self._lanes):
+            if other != lane:
+                n = min(common_prefix_length(other_state.tokens, tokens), len(tokens) - 1)
+                if n > donor_reuse:
+                    donor, donor_reuse = other, n
+        if donor is not None:
+            self._kv_truncate(lane, 0)
+            self._kv_share(donor, lane, donor_reuse)
+            reuse = donor_reuse
+        else:
+            self._kv_truncate(lane, reuse)
+        state.tokens = tokens[:reuse]
+        self._clock += 1
+        state.last_used = self._clock
+        logits = self._decode(lane, tokens[reuse:], reuse)
+        state.tokens = tokens
+        self.last_stats = CacheStats(reused=reuse, evaluated=len(tokens) - reuse)
+        return logits
+
+    def forget(self, lane: int | None = None) -> None:
+        """Empty one lane (or all): the next request recomputes from scratch."""
+        for i in range(self.n_lanes) if lane is None else [lane]:
+            self._kv_truncate(i, 0)
+            self._lanes[i].tokens = []
+
+    def lane_tokens(self, lane: int) -> list[int]:
+        return list(self._lanes[lane].tokens)
+
+    # ---- compute ----------------------------------------------------------------------------
+    def score(self, tokens: Sequence[int], candidates: Sequence[int], *, lane: int = 0) -> list[float]:
+        """Log-probabilities (over the whole vocabulary) of each candidate as the next token."""
+        logprobs = log_softmax(self._evaluate(tokens, lane))
+        return [float(logprobs[c]) for c in candidates]
+
+    def generate(self, tokens: Sequence[int], sampling: Sampling = Sampling(), *, lane: int = 0,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        return Generation(self._generate_steps(list(tokens), sampling, lane, should_stop))
+
+    def _generate_steps(self, tokens: list[int], sampling: Sampling, lane: int,
+                        should_stop: Callable[[], bool] | None):
+        logits = self._evaluate(tokens, lane)
+        rng = np.random.default_rng(sampling.seed)
+        generated: list[int] = []
+        eog = self.eog_tokens
+        state = self._lanes[lane]
+        while True:
+            if should_stop is not None and should_stop():
+                return "cancelled"
+            token = sample_token(logits, sampling, rng, generated)
+            if token in eog:
+                return "stop"
+            generated.append(token)
+            yield token
+            if len(generated) >= sampling.max_tokens or len(state.tokens) >= self.n_ctx:
+                return "length"
+            # The lane's bookkeeping only grows after a successful decode; a failed or interrupted
+            # one leaves stray KV entries past len(tokens), which the next request truncates.
+            logits = self._decode(lane, [token], len(state.tokens))
+            state.tokens.append(token)

@@ -1,0 +1,166 @@
+"""GGUF models through llama.cpp (llama-cpp-python's low-level bindings).
+
+We drive llama_decode directly rather than through `llama_cpp.Llama` because we need several
+KV sequences (lanes) in one context, logits for the last position only, and our own control of
+what is kept between requests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import ContextOverflow, Engine, EngineError
+
+_backend_ready = False
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(verbose)  # llama.cpp logs every tensor at load time otherwise
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+class LlamaCppEngine(Engine):
+    def __init__(self, model_path: str | os.PathLike, *, context_size: int = 4096, batch_size: int = 512,
+                 threads: int | None = None, n_lanes: int = 4, verbose: bool = False):
+        import llama_cpp
+        from llama_cpp._internals import LlamaContext, LlamaModel
+
+        super().__init__(n_lanes)
+        self._lib = llama_cpp
+        path = Path(model_path)
+        if not path.is_file():
+            raise EngineError(f"model file not found: {path}")
+        _init_backend(verbose)
+        threads = threads or os.cpu_count() or 1
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        try:
+            self._model = LlamaModel(path_model=str(path), params=model_params, verbose=verbose)
+        except ValueError as err:
+            raise EngineError(f"llama.cpp could not load {path}: {err}") from None
+
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = context_size
+        ctx_params.n_batch = batch_size
+        ctx_params.n_ubatch = batch_size
+        ctx_params.n_seq_max = n_lanes
+        # One KV pool shared by all lanes: a lane can then reuse another lane's prefix by
+        # reference (llama_memory_seq_cp tags cells, it copies no tensors), and no lane is
+        # limited to n_ctx / n_lanes.
+        ctx_params.kv_unified = True
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.embeddings = False
+        try:
+            self._ctx = LlamaContext(model=self._model, params=ctx_params, verbose=verbose)
+        except ValueError as err:
+            raise EngineError(f"llama.cpp could not create a context: {err}") from None
+
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
+        self.n_vocab = self._model.n_vocab()
+        self.batch_size = batch_size
+        self.threads = threads
+        self.description = f"llama.cpp ({self._model.desc()}, {threads} threads, ctx {self.n_ctx})"
+        self._batch = llama_cpp.llama_batch_init(batch_size, 0, 1)
+        self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._model.vocab, t))
+        template = llama_cpp.llama_model_chat_template(self._model.model, None)
+        self._chat_template = template.decode("utf-8") if template else None
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.close()
+            self._ctx = None
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    @functools.lru_cache(maxsize=65536)
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            raise EngineError(f"token {token} does not fit in the piece buffer")
+        return buf.raw[:n]
+
+    @property
+    def eog_tokens(self) -> frozenset[int]:
+        return self._eog
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def special_token_texts(self) -> dict[str, str]:
+        texts = {}
+        for name, token in (("bos_token", self._model.token_bos()), ("eos_token", self._model.token_eos())):
+            if 0 <= token < self.n_vocab:
+                texts[name] = self._model.token_get_text(token)
+        return texts
+
+    # ---- KV primitives ----------------------------------------------------------------------
+    def _kv_truncate(self, lane: int, keep: int) -> None:
+        if not self._lib.llama_memory_seq_rm(self._ctx.memory, lane, keep, -1):
+            raise EngineError(f"llama.cpp refused to truncate lane {lane} at {keep}")
+
+    def _kv_share(self, src: int, dst: int, n: int) -> None:
+        self._lib.llama_memory_seq_cp(self._ctx.memory, src, dst, 0, n)
+
+    def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
+        if start + len(tokens) > self.n_ctx:
+            raise ContextOverflow(f"{start + len(tokens)} tokens do not fit in the context of {self.n_ctx}")
+        batch = self._batch
+        for offset in range(0, len(tokens), self.batch_size):
+            chunk = tokens[offset: offset + self.batch_size]
+            last_chunk = offset + self.batch_size >= len(tokens)
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = start + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = lane
+                batch.logits[i] = False
+            # Logits only where we read them: the output projection onto 152k vocabulary rows is
+            # the single most expensive matmul per token.
+            batch.logits[len(chunk) - 1] = last_chunk
+            self._decode_batch(lane)
+        logits = self._lib.llama_get_logits_ith(self._ctx.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
+
+    def _decode_batch(self, lane: int) -> None:
+        code = self._lib.llama_decode(self._ctx.ctx, self._batch)
+        if code == 1:
+            # No free KV cells: other lanes hold the space. Drop them (their owners recompute
+            # on their next request) and try once more.
+            for other in range(self.n_lanes):
+                if other != lane:
+                    self.forget(other)
+            code = self._lib.llama_decode(self._ctx.ctx, self._batch)
+        if code != 0:
+            raise EngineError(f"llama_decode failed with code {code}")

@@ -1,0 +1,51 @@
+"""Reading JSONL files of texts, with errors that name the line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ..roles.prompts import LABELS
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path: str | Path, *, require_label: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for every non-blank line; raise DataError naming a bad line."""
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: {err.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: invalid JSON: {err.msg} at column {err.colno}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            text = obj.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{number}: needs a non-empty string field 'text'")
+            if require_label:
+                label = obj.get("label")
+                if isinstance(label, str):
+                    label = label.strip().lower()
+                if label not in LABELS:
+                    raise DataError(f"{path}:{number}: 'label' must be one of {', '.join(LABELS)}, got {obj.get('label')!r}")
+                obj["label"] = label
+            yield number, obj
+
+
+def load_labelled(path: str | Path) -> list[dict]:
+    return [obj for _, obj in read_jsonl(path, require_label=True)]

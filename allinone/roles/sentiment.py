@@ -1,0 +1,122 @@
+"""The sentiment analyst: a prompt, two candidate next tokens, one forward pass.
+
+The prompt's fixed part is tokenized once; per request only the text and the few tokens after it
+are new, and the engine's prefix cache evaluates just those. The answer is always one of the two
+labels, whatever the text says (a text cannot talk the analyst out of them: we never read
+generated text, we compare the two label tokens' probabilities).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..engine.base import Engine, Sampling
+from .prompts import LABELS, SentimentPrompt
+from .template import ChatTemplate
+
+
+class InputError(ValueError):
+    """The caller's input is unusable; the message says why (exit code 2 / HTTP 4xx)."""
+
+
+@dataclass
+class Sentiment:
+    label: str  # "positive" | "negative"
+    probability: float | None  # of `label`; None for the generation-based original method
+    latency_ms: float
+    truncated: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate_text(text, max_chars: int) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError("text is empty")
+    if len(text) > max_chars:
+        raise InputError(f"text is {len(text)} characters long; the limit is {max_chars}")
+    return text
+
+
+_CONTENT_MARK = "\x00text\x00"
+
+
+class SentimentAnalyst:
+    def __init__(self, engine: Engine, prompt: SentimentPrompt, *, lane: int = 0,
+                 max_text_chars: int = 20_000, max_text_tokens: int = 1024):
+        self.engine = engine
+        self.prompt = prompt
+        self.lane = lane
+        self.max_text_chars = max_text_chars
+        if prompt.template.count("{text}") != 1:
+            raise ValueError(f"prompt {prompt.name!r} must contain {{text}} exactly once")
+        before, after = self._frame()
+        self._before = engine.tokenize(before, special=True)
+        self._after = engine.tokenize(after, special=True)
+        overhead = len(self._before) + len(self._after) + 1
+        self.max_text_tokens = max(1, min(max_text_tokens, engine.n_ctx - overhead))
+        self.candidates = [self._label_token(prompt.label_words[label]) for label in LABELS]
+        if self.candidates[0] == self.candidates[1]:
+            raise ValueError(f"prompt {prompt.name!r}: the label words share their first token")
+
+    def _frame(self) -> tuple[str, str]:
+        """The prompt text before and after the user's text."""
+        head, tail = self.prompt.template.split("{text}")
+        if self.prompt.format == "plain":
+            return head, tail
+        messages = []
+        if self.prompt.system:
+            messages.append({"role": "system", "content": self.prompt.system})
+        messages.append({"role": "user", "content": head + _CONTENT_MARK + tail})
+        rendered = ChatTemplate(self.engine).render_text(messages, add_generation_prompt=True)
+        before, after = rendered.split(_CONTENT_MARK)
+        return before, after
+
+    def _label_token(self, word: str) -> int:
+        ids = self.engine.tokenize(word)
+        if not ids:
+            raise ValueError(f"label word {word!r} tokenizes to nothing")
+        # Multi-token label words are scored by their first token, which must then differ.
+        return ids[0]
+
+    def prompt_tokens(self, text: str) -> tuple[list[int], bool]:
+        text_ids = self.engine.tokenize(text, special=False)
+        truncated = len(text_ids) > self.max_text_tokens
+        if truncated:
+            # Keep the head and the tail: reviews tend to open with context and close with the
+            # verdict; the middle matters least.
+            head = self.max_text_tokens // 2
+            text_ids = text_ids[:head] + text_ids[len(text_ids) - (self.max_text_tokens - head):]
+        return self._before + text_ids + self._after, truncated
+
+    def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
+        tokens, truncated = self.prompt_tokens(text)
+        return np.array(self.engine.score(tokens, self.candidates, lane=self.lane)), truncated
+
+    def analyze(self, text: str) -> Sentiment:
+        validate_text(text, self.max_text_chars)
+        start = time.perf_counter()
+        logprobs, truncated = self.label_logprobs(text)
+        # Softmax over the two candidates only: the probability mass the model puts elsewhere
+        # says nothing about which of the two labels it prefers.
+        probs = np.exp(logprobs - logprobs.max())
+        probs /= probs.sum()
+        best = int(np.argmax(probs))
+        return Sentiment(label=LABELS[best], probability=float(probs[best]),
+                         latency_ms=(time.perf_counter() - start) * 1000, truncated=truncated)
+
+    def analyze_by_generation(self, text: str, max_tokens: int = 10) -> Sentiment:
+        """The original recipe: greedy-generate up to 10 tokens, look for "Positive" in them."""
+        validate_text(text, self.max_text_chars)
+        start = time.perf_counter()
+        tokens, truncated = self.prompt_tokens(text)
+        generation = self.engine.generate(tokens, Sampling(max_tokens=max_tokens), lane=self.lane)
+        output = self.engine.detokenize(list(generation))
+        label = "positive" if "Positive" in output else "negative"
+        return Sentiment(label=label, probability=None,
+                         latency_ms=(time.perf_counter() - start) * 1000, truncated=truncated)

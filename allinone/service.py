@@ -1,0 +1,127 @@
+"""analyze / respond: the only place where the roles are combined. The CLI and the server are thin
+adapters over `Assistant`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .conversation.history import Conversation, Turn
+from .engine import open_engine
+from .engine.base import Engine, Sampling
+from .model.store import resolve_model_path
+from .roles.chat import ChatRole
+from .roles.prompts import chat_prompt, sentiment_prompt
+from .roles.sentiment import Sentiment, SentimentAnalyst, validate_text
+from .settings import Settings
+
+# Lanes of the engine's prefix cache, one per role, so that neither evicts the other's prefix.
+SENTIMENT_LANE = 0
+CHAT_LANE = 1
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    dropped_turns: int = 0
+    time_to_first_token_ms: float | None = None
+    total_ms: float = 0.0
+    finish_reason: str | None = None
+
+
+class Response:
+    """The respond flow's result: the sentiment is known on construction; iterating yields the
+    reply text as it is generated. When iteration ends (or `close()` is called, e.g. on Ctrl-C)
+    the turn, with whatever reply was produced, is added to the conversation."""
+
+    def __init__(self, sentiment: Sentiment, deltas: Iterator[str], finish: Callable[[], None],
+                 stats: ReplyStats):
+        self.sentiment = sentiment
+        self.stats = stats
+        self._deltas = deltas
+        self._finish = finish
+        self._closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._deltas
+        finally:
+            self.close()
+
+    def text(self) -> str:
+        return "".join(self)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._deltas.close()
+            self._finish()
+
+
+@dataclass
+class Assistant:
+    engine: Engine
+    settings: Settings = field(default_factory=Settings)
+    model_path: Path | None = None
+    load_seconds: float = 0.0
+
+    def __post_init__(self):
+        s = self.settings
+        self.analyst = SentimentAnalyst(self.engine, sentiment_prompt(s.sentiment_prompt), lane=SENTIMENT_LANE,
+                                        max_text_chars=s.max_text_chars, max_text_tokens=s.max_text_tokens)
+        self.chat = ChatRole(self.engine, chat_prompt(s.chat_prompt), lane=CHAT_LANE,
+                             reply_max_tokens=s.reply_max_tokens)
+
+    @classmethod
+    def load(cls, settings: Settings | None = None) -> "Assistant":
+        settings = settings or Settings()
+        path = resolve_model_path(settings.model, settings.resolved_home())
+        start = time.perf_counter()
+        engine = open_engine(path, settings.engine, context_size=settings.context_size,
+                             batch_size=settings.batch_size, threads=settings.threads)
+        return cls(engine=engine, settings=settings, model_path=path, load_seconds=time.perf_counter() - start)
+
+    def default_sampling(self) -> Sampling:
+        s = self.settings
+        return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p)
+
+    def analyze(self, text: str, *, method: str = "score") -> Sentiment:
+        if method == "score":
+            return self.analyst.analyze(text)
+        if method == "seed":
+            return self.analyst.analyze_by_generation(text)
+        raise ValueError(f"unknown method {method!r} (score or seed)")
+
+    def respond(self, conversation: Conversation, message: str, *, sampling: Sampling | None = None,
+                should_stop: Callable[[], bool] | None = None) -> Response:
+        """Sentiment first (available on the returned object at once), then the reply as a stream."""
+        validate_text(message, self.settings.max_text_chars)
+        sentiment = self.analyst.analyze(message)
+        sampling = sampling or self.default_sampling()
+        user_content = self.chat.user_content(message, sentiment.label)
+        tokens, dropped = self.chat.prompt_tokens(conversation.turns, user_content, sampling.max_tokens)
+        if dropped:
+            del conversation.turns[:dropped]
+        stats = ReplyStats(prompt_tokens=len(tokens), dropped_turns=dropped)
+        start = time.perf_counter()
+        stream = self.chat.stream(tokens, sampling, should_stop=should_stop)
+
+        def deltas():
+            for delta in stream:
+                if stats.time_to_first_token_ms is None:
+                    stats.time_to_first_token_ms = (time.perf_counter() - start) * 1000
+                    stats.cached_tokens = self.engine.last_stats.reused
+                yield delta
+
+        def finish():
+            stats.total_ms = (time.perf_counter() - start) * 1000
+            stats.completion_tokens = len(stream.tokens)
+            stats.finish_reason = stream.finish_reason
+            conversation.turns.append(Turn(message=message, sentiment=sentiment.label,
+                                           user_content=user_content, reply=stream.text))
+
+        return Response(sentiment, deltas(), finish, stats)

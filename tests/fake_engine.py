@@ -1,0 +1,88 @@
+"""A tiny deterministic engine for fast tests: byte-level vocabulary, a fake 'model' whose logits
+depend on every token in the lane's KV memory, so any mistake in prefix-cache bookkeeping
+shows up as different scores. It scripts a reply so generation and stop handling can be
+checked exactly."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from allinone.engine.base import Engine
+
+SPECIALS = {"<|im_end|>": 256, "<|im_start|>": 257, "<|endoftext|>": 258}
+# Whole-word tokens, as in a real BPE vocabulary, so label words are single tokens.
+WORDS = {" Positive": 259, " Negative": 260, "Positive": 261, "Negative": 262}
+VOCAB = 263
+ASSISTANT_MARK = list(b"assistant\n")
+
+
+class FakeEngine(Engine):
+    def __init__(self, reply: str = "Hello there.", n_ctx: int = 512, n_lanes: int = 3):
+        super().__init__(n_lanes)
+        self.n_ctx = n_ctx
+        self.n_vocab = VOCAB
+        self.description = "fake"
+        self.reply = list(reply.encode("utf-8"))
+        self.kv: list[dict[int, int]] = [dict() for _ in range(n_lanes)]  # lane -> {position: token}
+        self.decoded_tokens = 0  # total tokens evaluated: what the cache saves
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        table = {**WORDS, **(SPECIALS if special else {})}
+        ids, i = [], 0
+        while i < len(text):
+            for marker, token in table.items():
+                if text.startswith(marker, i):
+                    ids.append(token)
+                    i += len(marker)
+                    break
+            else:
+                ids.extend(text[i].encode("utf-8"))
+                i += 1
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        for marker, t in {**SPECIALS, **WORDS}.items():
+            if t == token:
+                return marker.encode()
+        return bytes([token])
+
+    @property
+    def eog_tokens(self) -> frozenset[int]:
+        return frozenset({SPECIALS["<|im_end|>"], SPECIALS["<|endoftext|>"]})
+
+    @property
+    def chat_template(self):
+        return None  # exercise the ChatML fallback
+
+    def _kv_truncate(self, lane: int, keep: int) -> None:
+        self.kv[lane] = {p: t for p, t in self.kv[lane].items() if p < keep}
+
+    def _kv_share(self, src: int, dst: int, n: int) -> None:
+        self.kv[dst].update({p: t for p, t in self.kv[src].items() if p < n})
+
+    def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
+        for i, token in enumerate(tokens):
+            self.kv[lane][start + i] = token
+        self.decoded_tokens += len(tokens)
+        end = start + len(tokens)
+        history = [self.kv[lane][p] for p in range(end)]  # KeyError = a hole in the cache: a bug
+        return self._logits(history)
+
+    def _logits(self, history: list[int]) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(np.array(history, dtype=np.int32).tobytes()).digest()[:8], "little")
+        logits = np.random.default_rng(seed).normal(size=VOCAB).astype(np.float32)
+        # Scripted continuation: after "<|im_start|>assistant\n", spell the reply, then end the turn.
+        mark = [SPECIALS["<|im_start|>"], *ASSISTANT_MARK]
+        for start in range(len(history) - len(mark), -1, -1):
+            if history[start:start + len(mark)] == mark:
+                k = len(history) - (start + len(mark))
+                target = self.reply[k] if k < len(self.reply) else SPECIALS["<|im_end|>"]
+                logits[target] += 50.0
+                break
+        return logits
+
+    def full_recompute_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._logits(list(tokens))
