@@ -6,20 +6,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .conversation.history import Conversation, Turn
 from .engine import open_engine
 from .engine.base import Engine, Sampling
+from .engine.text import TextStream
 from .model.store import resolve_model_path
 from .roles.chat import ChatRole
 from .roles.prompts import chat_prompt, sentiment_prompt
-from .roles.sentiment import Sentiment, SentimentAnalyst, validate_text
+from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_text
 from .settings import Settings
 
-# Lanes of the engine's prefix cache, one per role, so that neither evicts the other's prefix.
+# Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix.
 SENTIMENT_LANE = 0
 CHAT_LANE = 1
+COMPLETION_LANE = 2  # raw chat completions (OpenAI-style messages)
 
 
 @dataclass
@@ -125,3 +127,20 @@ class Assistant:
                                            user_content=user_content, reply=stream.text))
 
         return Response(sentiment, deltas(), finish, stats)
+
+    def complete(self, messages: Sequence[dict], *, sampling: Sampling | None = None, stop: Sequence[str] = (),
+                 should_stop: Callable[[], bool] | None = None) -> tuple[TextStream, int]:
+        """A plain chat completion over caller-given messages (role/content dicts), with the
+        model's chat template; returns the text stream and the prompt's token count."""
+        if not messages:
+            raise InputError("messages must not be empty")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise InputError("each message needs a role (system, user or assistant) and a string content")
+        sampling = sampling or self.default_sampling()
+        tokens = self.chat.template.tokens(messages)
+        if len(tokens) + 1 > self.engine.n_ctx:
+            raise InputError(f"the messages need {len(tokens)} tokens; the context holds {self.engine.n_ctx}")
+        generation = self.engine.generate(tokens, sampling, lane=COMPLETION_LANE, should_stop=should_stop)
+        return TextStream(self.engine.token_bytes, generation, stop=stop), len(tokens)

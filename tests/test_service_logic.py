@@ -114,3 +114,20 @@ def test_message_too_long_for_context_is_an_input_error():
     assistant = make_assistant(n_ctx=300, reply_max_tokens=64, max_text_tokens=16)
     with pytest.raises(InputError):
         assistant.respond(Conversation(), "x" * 400)
+
+
+def test_complete_streams_a_plain_chat_completion():
+    assistant = make_assistant()
+    stream, n_prompt = assistant.complete([{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "hi"}])
+    assert "".join(stream) == "谢谢你的分享!" and n_prompt > 0
+    assert stream.finish_reason == "stop"
+    stream, _ = assistant.complete([{"role": "user", "content": "hi"}], stop=["分享"])
+    assert "".join(stream) == "谢谢你的"
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
+                                      ["not a dict"]])
+def test_complete_rejects_malformed_messages(messages):
+    with pytest.raises(InputError):
+        make_assistant().complete(messages)

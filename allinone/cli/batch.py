@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..evaluation.data import DataError, read_jsonl
+from ..roles.sentiment import InputError
 
 
 def _same_item(done: dict, item: dict) -> bool:
@@ -39,31 +40,40 @@ def _completed_lines(out_path: Path, items: list[dict]) -> int:
         try:
             done = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{out_path}:{number}: not a line this command wrote; delete the file to start over") from None
+            raise DataError(f"{out_path} line {number}: not a line this command wrote; delete the file to start over") from None
         if not isinstance(done, dict) or not _same_item(done, items[number - 1]):
-            raise DataError(f"{out_path}:{number} does not match input line {number}; "
+            raise DataError(f"{out_path} line {number} does not match input line {number}; "
                             "it belongs to another input (delete it or choose another -o)")
     return len(lines)
 
 
-def run_batch(analyze: Callable[[str], "object"], in_path: Path, out_path: Path, *,
+def read_batch_input(in_path: Path) -> list[dict]:
+    """The whole input, validated before any work (a bad line fails fast, naming the line)."""
+    return [obj for _, obj in read_jsonl(in_path)]
+
+
+def run_batch(analyze: Callable[[str], "object"], items: list[dict], out_path: Path, *,
               progress_factory=None) -> dict:
-    items = [obj for _, obj in read_jsonl(in_path)]  # validate the whole input before any work
     skip = _completed_lines(out_path, items)
     todo = items[skip:]
     bar = progress_factory(total=len(items), initial=skip) if progress_factory else None
     written = 0
     with open(out_path, "a", encoding="utf-8") as out:
         for item in todo:
-            result = analyze(item["text"])
             row = dict(item)
             if "label" in row:
                 # Keep a label the input already had (often the gold one) instead of overwriting it.
                 row["input_label"] = row.pop("label")
-            row["label"] = result.label
-            row["probability"] = round(result.probability, 6)
-            if result.truncated:
-                row["truncated"] = True
+            try:
+                result = analyze(item["text"])
+            except InputError as err:
+                # One unusable text (e.g. over the length cap) must not sink a long job.
+                row["error"] = str(err)
+            else:
+                row["label"] = result.label
+                row["probability"] = round(result.probability, 6)
+                if result.truncated:
+                    row["truncated"] = True
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
             written += 1

@@ -179,6 +179,11 @@ class Engine(ABC):
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         """Evaluate tokens at positions start.. on the lane; return last-position logits."""
 
+    def _adjust_reuse(self, reuse: int, total: int) -> int:
+        """How many cached tokens to actually keep when `reuse` could be kept; backends whose
+        results depend on how tokens are batched re-evaluate a few more (see llamacpp.py)."""
+        return reuse
+
     # ---- prefix cache -----------------------------------------------------------------------
     def _check_lane(self, lane: int) -> None:
         if not 0 <= lane < self.n_lanes:
@@ -201,7 +206,9 @@ class Engine(ABC):
                 n = min(common_prefix_length(other_state.tokens, tokens), len(tokens) - 1)
                 if n > donor_reuse:
                     donor, donor_reuse = other, n
-        if donor is not None:
+        reuse = self._adjust_reuse(reuse, len(tokens))
+        donor_reuse = self._adjust_reuse(donor_reuse, len(tokens))
+        if donor is not None and donor_reuse > reuse:
             self._kv_truncate(lane, 0)
             self._kv_share(donor, lane, donor_reuse)
             reuse = donor_reuse

@@ -19,6 +19,18 @@ from .base import ContextOverflow, Engine, EngineError
 
 _backend_ready = False
 
+# Batch invariance. The prefix cache is only honest if a token's KV entries and logits do not
+# depend on how the tokens were split into decode calls. On this CPU backend they do not once a
+# call evaluates at least 8 tokens; calls of 1..7 tokens take other matmul and attention kernels
+# whose rounding differs, and a 0.5B quantised model amplifies that to ~0.03-0.05 in
+# log-probability (measured on the default model, tests/test_real_model.py). So scoring never
+# evaluates fewer than 8 tokens at once: the cache re-evaluates a few already-cached tokens
+# instead (~10 ms each), and long prompts are cut so that no chunk is that small. Runtime weight
+# repacking (q4_K -> q4_K_8x8) is off for the same reason: its kernels differ at every batch
+# size; it touched only 12 small tensors of this model. Generation still decodes one token per
+# call: chat replies need no bit-equality with a recompute.
+_MIN_EXACT_BATCH = 8
+
 
 def _init_backend(verbose: bool) -> None:
     global _backend_ready
@@ -47,6 +59,7 @@ class LlamaCppEngine(Engine):
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
+        model_params.use_extra_bufts = False  # no runtime repacking: see "Batch invariance"
         try:
             self._model = LlamaModel(path_model=str(path), params=model_params, verbose=verbose)
         except ValueError as err:
@@ -132,13 +145,30 @@ class LlamaCppEngine(Engine):
     def _kv_share(self, src: int, dst: int, n: int) -> None:
         self._lib.llama_memory_seq_cp(self._ctx.memory, src, dst, 0, n)
 
+    def _adjust_reuse(self, reuse: int, total: int) -> int:
+        return min(reuse, max(0, total - _MIN_EXACT_BATCH))
+
+    def _chunks(self, n: int) -> list[int]:
+        """Chunk sizes for evaluating n tokens: at most batch_size each, and (unless n itself is
+        smaller) none under _MIN_EXACT_BATCH."""
+        sizes = []
+        while n > self.batch_size:
+            size = self.batch_size
+            if n - size < _MIN_EXACT_BATCH:
+                size -= _MIN_EXACT_BATCH
+            sizes.append(size)
+            n -= size
+        return sizes + [n]
+
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         if start + len(tokens) > self.n_ctx:
             raise ContextOverflow(f"{start + len(tokens)} tokens do not fit in the context of {self.n_ctx}")
         batch = self._batch
-        for offset in range(0, len(tokens), self.batch_size):
-            chunk = tokens[offset: offset + self.batch_size]
-            last_chunk = offset + self.batch_size >= len(tokens)
+        sizes = self._chunks(len(tokens))
+        offset = 0
+        for index, size in enumerate(sizes):
+            chunk = tokens[offset: offset + size]
+            last_chunk = index == len(sizes) - 1
             batch.n_tokens = len(chunk)
             for i, token in enumerate(chunk):
                 batch.token[i] = token
@@ -150,6 +180,7 @@ class LlamaCppEngine(Engine):
             # the single most expensive matmul per token.
             batch.logits[len(chunk) - 1] = last_chunk
             self._decode_batch(lane)
+            offset += size
         logits = self._lib.llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 

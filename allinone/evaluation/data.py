@@ -25,24 +25,24 @@ def read_jsonl(path: str | Path, *, require_label: bool = False) -> Iterator[tup
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {err.start})") from None
+                raise DataError(f"{path} line {number}: not valid UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: invalid JSON: {err.msg} at column {err.colno}") from None
+                raise DataError(f"{path} line {number}: invalid JSON: {err.msg} at column {err.colno}") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(obj).__name__}")
             text = obj.get("text")
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}:{number}: needs a non-empty string field 'text'")
+                raise DataError(f"{path} line {number}: needs a non-empty string field 'text'")
             if require_label:
                 label = obj.get("label")
                 if isinstance(label, str):
                     label = label.strip().lower()
                 if label not in LABELS:
-                    raise DataError(f"{path}:{number}: 'label' must be one of {', '.join(LABELS)}, got {obj.get('label')!r}")
+                    raise DataError(f"{path} line {number}: 'label' must be one of {', '.join(LABELS)}, got {obj.get('label')!r}")
                 obj["label"] = label
             yield number, obj
 

