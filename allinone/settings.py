@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,5 +36,29 @@ class Settings(BaseSettings):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Chat sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Chat nucleus sampling threshold.")
 
+    # ---- the HTTP service (`allinone serve`) ----
+    host: str = Field("127.0.0.1", description="Address the server binds to. Anything other than a loopback "
+                                                "address requires an API key.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the server.")
+    api_key: SecretStr | None = Field(None, description="If set, every /v1 and /metrics request must send "
+                                                        "`Authorization: Bearer <key>`; required off loopback.")
+    queue_size: int = Field(16, ge=1, description="Requests that may wait for the model; more get 503 with "
+                                                  "Retry-After.")
+    request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take, waiting included; "
+                                                            "generation stops when it runs out.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (413 beyond).")
+    max_message_chars: int = Field(8_000, ge=1, description="Longest chat message (respond, chat completions) "
+                                                            "in characters (422 beyond).")
+    max_batch_texts: int = Field(64, ge=1, description="Most texts in one /v1/sentiment request.")
+    session_db: Path | None = Field(None, description="SQLite file of the chat sessions; default: "
+                                                      "<home>/sessions.sqlite3.")
+    session_max_turns: int = Field(100, ge=1, description="Turns kept per session; older ones are dropped "
+                                                          "(history is also trimmed to fit the context).")
+    session_idle_hours: float = Field(24.0 * 7, gt=0, description="Sessions untouched this long are deleted.")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")
+
     def resolved_home(self) -> Path:
         return Path(self.home).expanduser()
+
+    def resolved_session_db(self) -> Path:
+        return Path(self.session_db).expanduser() if self.session_db else self.resolved_home() / "sessions.sqlite3"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..evaluation.bench import peak_rss_mb
 from ..settings import Settings
 
 EXIT_USAGE = 2  # bad input (empty text, unreadable file): the caller's to fix
@@ -207,14 +208,15 @@ def cmd_chat(args, settings: Settings) -> int:
 
 def cmd_batch(args, settings: Settings) -> int:
     from ..evaluation.data import DataError
-    from .batch import run_batch
+    from .batch import read_batch_input, run_batch
 
     in_path, out_path = Path(args.input), Path(args.output)
     if in_path.resolve() == out_path.resolve():
         raise CliError("the output file must differ from the input file")
-    assistant = load_assistant(settings)
     try:
-        summary = run_batch(assistant.analyze, in_path, out_path, progress_factory=progress_bar)
+        items = read_batch_input(in_path)
+        assistant = load_assistant(settings)
+        summary = run_batch(assistant.analyze, items, out_path, progress_factory=progress_bar)
     except DataError as err:
         raise CliError(str(err)) from None
     print(f"{summary['written']} labelled, {summary['skipped']} already done, {summary['total']} in all -> {out_path}",
@@ -257,10 +259,57 @@ def cmd_eval(args, settings: Settings) -> int:
     return 0
 
 
-def peak_rss_mb() -> float:
-    import resource
+DEFAULT_TEXTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment-dev.jsonl"
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+def cmd_bench(args, settings: Settings) -> int:
+    from ..evaluation.bench import compare_methods, rss_mb
+    from ..evaluation.data import DataError, load_labelled
+
+    texts = Path(args.texts) if args.texts else DEFAULT_TEXTS
+    try:
+        items = load_labelled(texts)
+    except DataError as err:
+        raise CliError(f"{err} (choose the texts with --texts FILE)") from None
+    items = items[: args.limit] if args.limit else items
+    before = rss_mb()
+    assistant = load_assistant(settings)
+    loaded = rss_mb()
+    methods = {"score": assistant.analyze, "seed": lambda text: assistant.analyze(text, method="seed")}
+    with progress_bar(total=len(items), desc="bench (score vs seed)", disable=args.quiet) as bar:
+        results = compare_methods(items, methods, progress=lambda: bar.update(1))
+    report = {
+        "texts": str(texts), "n": len(items), "engine": assistant.engine.description,
+        "model": str(assistant.model_path), "load_seconds": round(assistant.load_seconds, 3),
+        "rss_before_load_mb": round(before, 1), "rss_after_load_mb": round(loaded, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "methods": results,
+        "speedup_score_vs_seed": results["seed"]["latency_ms"]["p50"] / results["score"]["latency_ms"]["p50"],
+    }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(f"{report['n']} texts from {texts}; {report['engine']}")
+        print(f"model load {report['load_seconds']:.2f} s; RSS {report['rss_after_load_mb']:.0f} MB after load, "
+              f"peak {report['peak_rss_mb']:.0f} MB")
+        print("| method | accuracy | p50 ms | p95 ms |\n|---|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r['accuracy']:.3f} | {r['latency_ms']['p50']:.0f} | {r['latency_ms']['p95']:.0f} |")
+        print(f"score is {report['speedup_score_vs_seed']:.1f}x faster than seed (median latency, same run)")
+    return 0
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    from ..server.app import check_bind, serve
+
+    try:
+        check_bind(settings)  # before paying for the model load
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    assistant = load_assistant(settings)
+    print(f"allinone serving {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load) on "
+          f"http://{settings.host}:{settings.port}/", file=sys.stderr, flush=True)
+    serve(assistant, settings)
+    return 0
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -297,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["score", "seed"], default="score")
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = command("bench", cmd_bench, "Time one-pass scoring against the original recipe (seed) on the same "
+                                     "texts in one run; model load time and memory.")
+    p.add_argument("--texts", metavar="FILE", help=f"labelled JSONL (default: {DEFAULT_TEXTS})")
+    p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    command("serve", cmd_serve, "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "
+                                "web page, on one model; loopback unless an API key is set.")
     return parser
 
 

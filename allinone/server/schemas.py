@@ -1,0 +1,200 @@
+"""Request and response bodies. Requests are validated strictly (no "5" for 5, no "yes" for
+true); our own endpoints reject unknown fields, the OpenAI-compatible one ignores them as the
+OpenAI API's many optional fields are allowed but unused here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not valid Unicode: a lone surrogate (\\u{ord(value[err.start]):04x}) at "
+                         f"character {err.start}") from None
+    return value
+
+
+# A string that can be encoded (JSON escapes like "\ud800" decode to lone surrogates, which can't).
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# ---- sentiment ---------------------------------------------------------------------------------
+
+class SentimentRequest(_Strict):
+    text: Text | None = Field(None, description="One text.")
+    texts: list[Text] | None = Field(None, description="Several texts (instead of `text`).")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of `text` or `texts`")
+        if self.texts is not None and not self.texts:
+            raise ValueError("`texts` must not be empty")
+        return self
+
+
+class SentimentResult(BaseModel):
+    label: Literal["positive", "negative"]
+    probability: float | None = Field(description="Probability of `label` (0.5..1).")
+    latency_ms: float
+    truncated: bool = Field(False, description="The text was too long; its middle was left out.")
+    emoji: str
+    display: str = Field(description='What the page shows, e.g. "😄 LLM 情感判断: 正面".')
+
+
+class SentimentBatchResponse(BaseModel):
+    results: list[SentimentResult]
+
+
+# ---- respond -----------------------------------------------------------------------------------
+
+class RespondRequest(_Strict):
+    message: Text
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
+                                   description="Continue this conversation (created if new); omitted: a new one.")
+    stream: bool = Field(False, description="Server-Sent Events: `sentiment`, then `delta`s, then `done`.")
+    max_tokens: int | None = Field(None, ge=1, description="Reply length cap (at most the server's reply_max_tokens).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int = 0
+
+
+class Timings(BaseModel):
+    time_to_first_token_ms: float | None
+    total_ms: float
+
+
+class RespondDone(BaseModel):
+    session_id: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    dropped_turns: int
+    turns: int = Field(description="Turns stored in the session after this one.")
+
+
+class RespondResponse(RespondDone):
+    sentiment: SentimentResult
+    reply: str
+
+
+class SessionTurn(BaseModel):
+    message: str
+    sentiment: str
+    probability: float | None
+    emoji: str
+    display: str
+    reply: str
+
+
+class SessionResponse(BaseModel):
+    session_id: str
+    turns: list[SessionTurn]
+
+
+# ---- OpenAI-compatible chat completions ----------------------------------------------------------
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Lenient):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: Text | list[Text] | None = None
+    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _stop_list(self):
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("`stop` takes at most 4 strings")
+        return self
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "allinone"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

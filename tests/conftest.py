@@ -1,0 +1,55 @@
+"""Shared fixtures. The real default model is loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from allinone.model.store import ModelError, resolve_model_path
+from allinone.settings import Settings
+
+DEV_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def default_model_path(settings) -> Path:
+    try:
+        return resolve_model_path(settings.model, settings.resolved_home())
+    except ModelError as err:
+        pytest.fail(f"{err}\n(the real-model tests need `make setup` first)")
+
+
+@pytest.fixture(scope="session")
+def assistant(settings, default_model_path):
+    from allinone.service import Assistant
+
+    return Assistant.load(settings)
+
+
+@pytest.fixture()
+def cli_env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.setdefault("ALLINONE_HOME", str(Settings().resolved_home()))
+    return env
+
+
+# ---- the HTTP server (tests/test_server.py, tests/test_page.py) -----------------------------------
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, default_model_path):
+    """One real `allinone serve` on a free loopback port with the real default model, shared by the
+    server and page tests. Short replies keep the tests quick."""
+    from tests.serverproc import ServerProcess
+
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), env={"ALLINONE_REPLY_MAX_TOKENS": "24",
+                                                                 "ALLINONE_QUEUE_SIZE": "8"})
+    proc.start()
+    yield proc
+    proc.stop()
