@@ -17,7 +17,7 @@ def test_score_with_cache_equals_full_recompute():
     for text in ["good", "bad", "good enough", "goo", "good"]:
         tokens = prefix + engine.tokenize(text) + engine.tokenize(" answer:")
         cached = engine.score(tokens, candidates)
-        full = log_softmax(engine.full_recompute_logits(tokens))[candidates]
+        full = log_softmax(engine.full_recompute_logits(tokens)[candidates])
         np.testing.assert_allclose(cached, full, atol=1e-6)
 
 
@@ -49,7 +49,7 @@ def test_lane_borrows_longer_prefix_from_another_lane():
     tokens = shared + engine.tokenize("two")
     result = engine.score(tokens, [1], lane=1)
     assert engine.last_stats.reused == len(shared)
-    np.testing.assert_allclose(result, log_softmax(engine.full_recompute_logits(tokens))[[1]], atol=1e-6)
+    np.testing.assert_allclose(result, log_softmax(engine.full_recompute_logits(tokens)[[1]]), atol=1e-6)
     # lane 0 keeps its own content intact
     assert engine.lane_tokens(0) == shared + engine.tokenize("one")
 

@@ -179,6 +179,12 @@ class Engine(ABC):
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         """Evaluate tokens at positions start.. on the lane; return last-position logits."""
 
+    def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
+                           candidates: Sequence[int]) -> np.ndarray:
+        """Like _decode, but only the candidates' logits are needed; a backend that can project
+        the last hidden state onto those rows alone (not the whole vocabulary) overrides this."""
+        return self._decode(lane, tokens, start)[list(candidates)]
+
     def _adjust_reuse(self, reuse: int, total: int) -> int:
         """How many cached tokens to actually keep when `reuse` could be kept; backends whose
         results depend on how tokens are batched re-evaluate a few more (see llamacpp.py)."""
@@ -189,8 +195,9 @@ class Engine(ABC):
         if not 0 <= lane < self.n_lanes:
             raise EngineError(f"lane {lane} out of range 0..{self.n_lanes - 1}")
 
-    def _evaluate(self, tokens: Sequence[int], lane: int) -> np.ndarray:
-        """Bring `lane` to hold exactly `tokens` and return the logits after the last one."""
+    def _evaluate(self, tokens: Sequence[int], lane: int, candidates: Sequence[int] | None = None) -> np.ndarray:
+        """Bring `lane` to hold exactly `tokens` and return the logits after the last one (only
+        the candidates' logits, in their order, when candidates are given)."""
         self._check_lane(lane)
         if not tokens:
             raise EngineError("cannot evaluate an empty token sequence")
@@ -217,7 +224,10 @@ class Engine(ABC):
         state.tokens = tokens[:reuse]
         self._clock += 1
         state.last_used = self._clock
-        logits = self._decode(lane, tokens[reuse:], reuse)
+        if candidates is None:
+            logits = self._decode(lane, tokens[reuse:], reuse)
+        else:
+            logits = self._decode_candidates(lane, tokens[reuse:], reuse, candidates)
         state.tokens = tokens
         self.last_stats = CacheStats(reused=reuse, evaluated=len(tokens) - reuse)
         return logits
@@ -233,9 +243,10 @@ class Engine(ABC):
 
     # ---- compute ----------------------------------------------------------------------------
     def score(self, tokens: Sequence[int], candidates: Sequence[int], *, lane: int = 0) -> list[float]:
-        """Log-probabilities (over the whole vocabulary) of each candidate as the next token."""
-        logprobs = log_softmax(self._evaluate(tokens, lane))
-        return [float(logprobs[c]) for c in candidates]
+        """Log-probabilities of each candidate as the next token, normalised over the candidates
+        (the rest of the vocabulary says nothing about which candidate the model prefers, and
+        leaving it out lets a backend skip most of the output projection)."""
+        return [float(x) for x in log_softmax(self._evaluate(tokens, lane, candidates))]
 
     def generate(self, tokens: Sequence[int], sampling: Sampling = Sampling(), *, lane: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
