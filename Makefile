@@ -1,4 +1,5 @@
-# make setup : .venv with the package and its dependencies, plus the verified default model.
+# make setup : .venv with the package and its dependencies (the transformers engine's extra
+#              included: torch CPU, transformers, gguf), plus the verified default model.
 #              Idempotent: a second run only checks the stamps (llama-cpp-python builds from
 #              source the first time, ~10 minutes; pip caches the wheel afterwards).
 # make test  : setup, then the whole test suite (loads the real default model once).
@@ -20,7 +21,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --progress-bar off -e '.[test]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[test,transformers]'
 	touch $(STAMP)
 
 model: $(STAMP)

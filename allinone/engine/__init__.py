@@ -6,21 +6,42 @@ from pathlib import Path
 
 from .base import ContextOverflow, Engine, EngineError, Generation, Sampling
 
-__all__ = ["ContextOverflow", "Engine", "EngineError", "Generation", "Sampling", "open_engine", "pick_engine"]
+__all__ = ["ContextOverflow", "Engine", "EngineError", "Generation", "Sampling", "ENGINES", "open_engine", "pick_engine"]
+
+
+ENGINES = ("llamacpp", "transformers")
 
 
 def pick_engine(model_path: Path, requested: str = "auto") -> str:
+    """The engine that runs `model_path`: as requested, or (auto) transformers for a Hugging Face
+    directory (one with config.json) and llama.cpp for a GGUF file."""
     if requested != "auto":
+        if requested not in ENGINES:
+            raise EngineError(f"unknown engine {requested!r} (auto, {', '.join(ENGINES)})")
         return requested
-    if Path(model_path).suffix.lower() == ".gguf" or Path(model_path).is_file():
+    path = Path(model_path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "transformers"
+        raise EngineError(f"{path} is a directory without config.json: not a Hugging Face model")
+    if path.suffix.lower() == ".gguf" or path.is_file():
         return "llamacpp"
     raise EngineError(f"cannot tell which engine runs {model_path}; pass --engine")
 
 
-def open_engine(model_path: Path, requested: str = "auto", **options) -> Engine:
+def open_engine(model_path: Path, requested: str = "auto", *, dtype: str = "float32", **options) -> Engine:
+    """Load the model with the chosen engine. `dtype` applies to the transformers engine only
+    (llama.cpp computes in the GGUF's own quantised types)."""
     kind = pick_engine(model_path, requested)
     if kind == "llamacpp":
         from .llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(model_path, **options)
+    if kind == "transformers":
+        try:
+            from .transformers import TransformersEngine
+        except ImportError as err:  # pragma: no cover - depends on the installed extras
+            raise EngineError(f"the transformers engine needs the optional extra: "
+                              f"pip install -e '.[transformers]' ({err})") from None
+        return TransformersEngine(model_path, dtype=dtype, **options)
     raise EngineError(f"unknown engine {kind!r}")

@@ -1,0 +1,173 @@
+"""What is particular to the transformers engine: parity with Hugging Face `generate` (the original
+recipe), candidate-only projection, bounded cache memory, dtype, engine choice, the CLI on an HF
+directory; and the real default model loaded from its GGUF through transformers, whose labels
+must agree with the llama.cpp engine's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from allinone.engine import EngineError, pick_engine
+from allinone.engine.base import Sampling, log_softmax
+from allinone.roles.prompts import sentiment_prompt
+from allinone.roles.sentiment import SentimentAnalyst
+from allinone.roles.template import ChatTemplate
+
+RECIPE_TEXTS = ["今天的实验终于成功了,太棒了!", "The service was slow and the food was cold.", "Not bad at all."]
+
+
+def hf_greedy(engine, tokens, max_new_tokens=10):
+    """The original recipe's call: transformers generate, greedy, 10 new tokens."""
+    import torch
+
+    out = engine.hf_model.generate(torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
+                                   max_new_tokens=max_new_tokens, do_sample=False)
+    return [t for t in out[0, len(tokens):].tolist() if t not in engine.eog_tokens]
+
+
+@pytest.mark.parametrize("text", RECIPE_TEXTS)
+def test_greedy_generation_equals_hf_generate_and_seed_method_reproduces_the_recipe(tiny_engine, text):
+    engine = tiny_engine
+    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    tokens, _ = analyst.prompt_tokens(text)
+    expected = hf_greedy(engine, tokens)
+    engine.forget()
+    assert list(engine.generate(tokens, Sampling(max_tokens=10))) == expected
+    # the chat form too, from a warm cache this time
+    chat = ChatTemplate(engine).tokens([{"role": "user", "content": text}])
+    assert list(engine.generate(chat, Sampling(max_tokens=10), lane=1)) == hf_greedy(engine, chat)
+    # --method seed = generate(max_new_tokens=10) + "Positive" substring on the decoded output
+    decoded = engine.hf_tokenizer.decode(expected, skip_special_tokens=True)
+    result = analyst.analyze_by_generation(text)
+    assert result.label == ("positive" if "Positive" in decoded else "negative")
+
+
+def test_scoring_projects_only_the_candidate_rows(tiny_engine, monkeypatch):
+    engine = tiny_engine
+    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    tokens, _ = analyst.prompt_tokens("The room was clean.")
+    engine.forget()
+    full = log_softmax(engine._evaluate(tokens, 0)[analyst.candidates])
+
+    def no_full_projection(*args, **kwargs):
+        raise AssertionError("the whole vocabulary was projected")
+
+    monkeypatch.setattr(engine._lm_head, "forward", no_full_projection)
+    engine.forget()
+    np.testing.assert_allclose(engine.score(tokens, analyst.candidates), full, atol=1e-5)
+
+
+def test_lane_caches_hold_exactly_their_tokens_over_many_requests(tiny_engine):
+    """No leak: after many requests each lane's cache stores its own tokens' keys/values and no
+    larger buffer (a view into a bigger tensor would keep that tensor alive)."""
+    engine = tiny_engine
+    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    engine.forget()
+    for i in range(120):
+        analyst.label_logprobs(f"request {i}: " + "好" * (i % 7))
+        if i % 40 == 0:
+            list(engine.generate(analyst.prompt_tokens(f"chat {i}")[0], Sampling(max_tokens=4), lane=1 + i % 3))
+    assert len(engine._caches) == engine.n_lanes
+    for lane, cache in enumerate(engine._caches):
+        n = len(engine.lane_tokens(lane))
+        if cache is None:
+            assert n == 0
+            continue
+        for layer in cache.layers:
+            for tensor in (layer.keys, layer.values):
+                assert tensor.shape[-2] >= n  # at most the stray last token of a generation
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        assert cache.get_seq_length() <= n + 1
+
+
+def test_bfloat16_loads_and_scores(tiny_model_dir):
+    import torch
+
+    from allinone.engine.transformers import TransformersEngine
+
+    bf16 = TransformersEngine(tiny_model_dir, context_size=512, dtype="bfloat16")
+    assert "bfloat16" in bf16.description and bf16.hf_model.dtype == torch.bfloat16
+    # (the random tiny model is too chaotic to compare bfloat16 with float32 numbers; the real
+    # model's figures are in the README)
+    logprobs = SentimentAnalyst(bf16, sentiment_prompt("original"), lane=0).label_logprobs("good")[0]
+    assert np.isfinite(logprobs).all() and abs(np.exp(logprobs).sum() - 1) < 1e-3
+    assert list(bf16.generate(bf16.tokenize("hello"), Sampling(max_tokens=3)))
+    with pytest.raises(EngineError, match="dtype"):
+        TransformersEngine(tiny_model_dir, dtype="float16")
+
+
+def test_loading_never_reaches_the_hub(tiny_engine, tmp_path):
+    from allinone.engine.transformers import TransformersEngine
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with pytest.raises(EngineError):
+        TransformersEngine(tmp_path / "Qwen" / "Qwen2.5-0.5B-Instruct")  # looks like a hub id: not fetched
+
+
+def test_engine_choice(tiny_model_dir, tmp_path, default_model_path):
+    assert pick_engine(tiny_model_dir) == "transformers"
+    assert pick_engine(default_model_path) == "llamacpp"
+    assert pick_engine(default_model_path, "transformers") == "transformers"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EngineError, match="config.json"):
+        pick_engine(tmp_path / "empty")
+
+
+def test_cli_on_a_hugging_face_directory(tiny_model_dir, tmp_path, capsys):
+    from allinone.cli.main import main
+
+    assert main(["model", "--model", str(tiny_model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["engine"] == "transformers" and info["format"] == "huggingface"
+    assert info["architecture"] == "Qwen2ForCausalLM" and info["context_length"] == 1024
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n"
+                            for t, l in [("好极了", "positive"), ("太差了", "negative")]), encoding="utf-8")
+    for method in ("score", "seed"):
+        assert main(["eval", str(data), "--model", str(tiny_model_dir), "--json", "--quiet",
+                     "--method", method, "--context-size", "512"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["engine"].startswith("transformers") and report["n"] == 2
+
+
+# ---- the real default model, from its GGUF, through transformers (loaded once) ----------------
+
+AGREEMENT_TEXTS = [
+    ("今天的实验终于成功了,太棒了!", "positive"),
+    ("这家酒店的服务太差了,再也不来了。", "negative"),
+    ("房间干净,早餐也不错,下次还会再来。", "positive"),
+    ("The service was slow and the food was cold.", "negative"),
+    ("I absolutely love this phone, best purchase of the year.", "positive"),
+    ("The battery died after two days, what a waste of money.", "negative"),
+]
+
+
+@pytest.fixture(scope="session")
+def hf_assistant(settings, default_model_path):
+    from allinone.engine.transformers import TransformersEngine
+    from allinone.service import Assistant
+
+    engine = TransformersEngine(default_model_path, context_size=settings.context_size, threads=settings.threads)
+    yield Assistant(engine=engine, settings=settings, model_path=default_model_path)
+    engine.close()
+
+
+def test_real_model_through_transformers_agrees_with_llamacpp(hf_assistant, assistant):
+    engine = hf_assistant.engine
+    assert "GGUF dequantised" in engine.description
+    assert engine.chat_template == assistant.engine.chat_template
+    assert hf_assistant.analyst.candidates == assistant.analyst.candidates  # same vocabulary
+    for text, expected in AGREEMENT_TEXTS:
+        assert engine.tokenize(text) == assistant.engine.tokenize(text)
+        ours, theirs = hf_assistant.analyze(text), assistant.analyze(text)
+        assert ours.label == theirs.label == expected, text
+        # Q4_K_M dequantised to float32 vs llama.cpp's quantised kernels: close, not equal
+        assert abs(ours.probability - theirs.probability) < 0.1, text
+    # the prefix cache is exact on the real model too
+    cached = hf_assistant.analyst.label_logprobs(AGREEMENT_TEXTS[0][0])[0]
+    engine.forget()
+    np.testing.assert_allclose(hf_assistant.analyst.label_logprobs(AGREEMENT_TEXTS[0][0])[0], cached, atol=1e-3)
