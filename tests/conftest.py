@@ -10,9 +10,6 @@ import pytest
 from allinone.model.store import ModelError, resolve_model_path
 from allinone.settings import Settings
 
-DEV_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings()
