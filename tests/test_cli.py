@@ -145,3 +145,26 @@ def test_eval_json_has_the_documented_fields(cli_env, tmp_path):
         assert set(report["by_lang"]) == {"zh", "en"} and set(report["by_source"]) == {"a", "b"}
         assert report["latency_ms"]["p50"] > 0 and report["latency_ms"]["p95"] >= report["latency_ms"]["p50"]
         assert sum(sum(row.values()) for row in report["confusion"].values()) == 2
+
+
+def test_eval_chat_reports_pass_rate_and_writes_replies(cli_env, tmp_path):
+    data, out = tmp_path / "chat.jsonl", tmp_path / "replies.jsonl"
+    write_jsonl(data, [
+        {"id": "a", "lang": "zh", "sentiment": "positive", "message": "我今天学会了游泳!"},
+        {"id": "b", "lang": "en", "sentiment": "negative", "message": "My phone fell in the lake."},
+    ])
+    code, stdout, err = run(["eval-chat", str(data), "--json", "--out", str(out), "--reply-max-tokens", "48"], cli_env)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["n"] == 2 and 0.0 <= report["pass_rate"] <= 1.0
+    assert set(report["pass_rate_by_lang"]) == {"zh", "en"}
+    replies = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in replies] == ["a", "b"]
+    assert all(r["reply"].strip() and isinstance(r["failures"], list) for r in replies)
+
+
+def test_eval_chat_rejects_malformed_messages(cli_env, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    write_jsonl(data, [{"id": "a", "lang": "fr", "sentiment": "positive", "message": "salut"}])
+    code, _, err = run(["eval-chat", str(data)], cli_env)
+    assert code == 2 and "lang zh|en" in err

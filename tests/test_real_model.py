@@ -62,6 +62,19 @@ def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(assistant, tex
                                    err_msg=f"{cached} tokens after the cached prefix")
 
 
+def test_scores_after_cache_reuse_equal_fresh_scores(assistant):
+    """The serving pattern: many different texts through one lane, each reusing the cached
+    instructions and whatever prefix the previous text left, against a recompute from empty."""
+    engine, analyst = assistant.engine, assistant.analyst
+    texts = ["这家店的外卖送得很快,味道也不错。", "太难吃了,再也不点了", "The plot was thin but the acting was great.",
+             "@united thanks for nothing, 3 hours on hold", "物流很快,包装完好,手机用着流畅。", "meh.",
+             "The the the", "屏幕有划痕,客服态度还差,退货!"]
+    served = [analyst.label_logprobs(text)[0] for text in texts]
+    for text, with_cache in zip(texts, served):
+        engine.forget()
+        np.testing.assert_allclose(analyst.label_logprobs(text)[0], with_cache, atol=1e-3, err_msg=text)
+
+
 def test_long_prompts_are_chunked_without_small_batches(assistant):
     engine = assistant.engine
     for n in range(1, 3 * engine.batch_size):

@@ -289,6 +289,55 @@ def cmd_eval(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_eval_chat(args, settings: Settings) -> int:
+    from collections import Counter
+
+    from ..conversation.history import Conversation
+    from ..evaluation.chat_rubric import check_reply
+    from ..evaluation.data import DataError, read_jsonl
+    from ..evaluation.metrics import percentile
+
+    try:
+        items = [obj for _, obj in read_jsonl(args.data, field="message")]
+    except DataError as err:
+        raise CliError(str(err)) from None
+    for number, item in enumerate(items, start=1):
+        if item.get("lang") not in ("zh", "en") or item.get("sentiment") not in ("positive", "negative"):
+            raise CliError(f"{args.data} item {number}: needs lang zh|en and sentiment positive|negative")
+    if args.method == "seed":
+        settings = settings.model_copy(update={"chat_prompt": "original"})
+    assistant = load_assistant(settings)
+    rows, ttft = [], []
+    with progress_bar(total=len(items), desc=f"eval-chat ({settings.chat_prompt})", disable=args.quiet) as bar:
+        for item in items:
+            response = assistant.respond(Conversation(), item["message"])
+            reply = response.text()
+            failures = check_reply(item["message"], reply, item["lang"], item["sentiment"])
+            ttft.append(response.stats.time_to_first_token_ms or 0.0)
+            rows.append({**item, "reply": reply, "detected": response.sentiment.label, "failures": failures,
+                         "time_to_first_token_ms": round(ttft[-1], 1)})
+            bar.update(1)
+    by_lang = {lang: sum(not r["failures"] for r in rows if r["lang"] == lang) / max(1, sum(r["lang"] == lang for r in rows))
+               for lang in ("zh", "en")}
+    report = {"n": len(rows), "chat_prompt": settings.chat_prompt,
+              "pass_rate": sum(not r["failures"] for r in rows) / len(rows), "pass_rate_by_lang": by_lang,
+              "failures": dict(Counter(kind for r in rows for kind in r["failures"]).most_common()),
+              "time_to_first_token_ms": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)}}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(f"pass rate {report['pass_rate']:.2f} (zh {by_lang['zh']:.2f}, en {by_lang['en']:.2f}) "
+              f"with chat prompt {settings.chat_prompt!r}; time to first token p50 "
+              f"{report['time_to_first_token_ms']['p50']:.0f} ms")
+        for kind, count in report["failures"].items():
+            print(f"  {kind:<18} {count}")
+    return 0
+
+
 DEFAULT_TEXTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment-dev.jsonl"
 
 
@@ -377,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--method", choices=["score", "seed"], default="score")
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = command("eval-chat", cmd_eval_chat, "Reply to each message (a new conversation each) and check the "
+                                            "replies against the chat rubric; pass rate and failures by kind.")
+    p.add_argument("data", metavar="MESSAGES.jsonl", help="lines with id, lang (zh|en), sentiment, message")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--out", metavar="REPLIES.jsonl", help="write every reply with its failures, to read them")
+    p.add_argument("--method", choices=["default", "seed"], default="default",
+                   help="seed: the original chat format, for comparison")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("bench", cmd_bench, "Time one-pass scoring against the original recipe (seed) on the same "
                                      "texts in one run; model load time and memory.")

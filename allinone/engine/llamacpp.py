@@ -20,7 +20,8 @@ from .base import ContextOverflow, Engine, EngineError
 _backend_ready = False
 
 # Batch invariance. The prefix cache is only honest if a token's KV entries and logits do not
-# depend on how the tokens were split into decode calls. On this CPU backend they do not once a
+# depend on how the tokens were split into decode calls, nor on where they sit in the KV cache
+# (see flash attention below). On this CPU backend they do not once a
 # call evaluates at least 8 tokens; calls of 1..7 tokens take other matmul and attention kernels
 # whose rounding differs, and a 0.5B quantised model amplifies that to ~0.03-0.05 in
 # log-probability (measured on the default model, tests/test_real_model.py). So scoring never
@@ -74,6 +75,10 @@ class LlamaCppEngine(Engine):
         # reference (llama_memory_seq_cp tags cells, it copies no tensors), and no lane is
         # limited to n_ctx / n_lanes.
         ctx_params.kv_unified = True
+        # Flash attention off: on this CPU backend its result depends on where a lane's tokens sit
+        # in the KV cells (up to 0.05 in log-probability after the cache has been reused), so
+        # cached scores would drift from a full recompute. The plain attention path is exact.
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.embeddings = False

@@ -13,7 +13,7 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path: str | Path, *, require_label: bool = False) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | Path, *, require_label: bool = False, field: str = "text") -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line; raise DataError naming a bad line."""
     path = Path(path)
     try:
@@ -34,9 +34,9 @@ def read_jsonl(path: str | Path, *, require_label: bool = False) -> Iterator[tup
                 raise DataError(f"{path} line {number}: invalid JSON: {err.msg} at column {err.colno}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object, got {type(obj).__name__}")
-            text = obj.get("text")
+            text = obj.get(field)
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path} line {number}: needs a non-empty string field 'text'")
+                raise DataError(f"{path} line {number}: needs a non-empty string field '{field}'")
             if require_label:
                 label = obj.get("label")
                 if isinstance(label, str):

@@ -28,6 +28,9 @@ class ChatRole:
 
     def messages(self, turns: Sequence[Turn], user_content: str) -> list[dict]:
         messages = [{"role": "system", "content": self.prompt.system}]
+        for message, label, reply in self.prompt.examples:
+            messages.append({"role": "user", "content": self.user_content(message, label)})
+            messages.append({"role": "assistant", "content": reply})
         for turn in turns:
             messages.append({"role": "user", "content": turn.user_content})
             messages.append({"role": "assistant", "content": turn.reply})

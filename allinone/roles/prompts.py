@@ -40,6 +40,9 @@ class ChatPrompt:
     system: str
     user_template: str  # "{message}" and "{tag}" (the detected sentiment, in `tags` wording)
     tags: dict[str, str] = field(default_factory=lambda: {"positive": "正面", "negative": "负面"})
+    # Example exchanges (message, detected label, reply), shown to the model as earlier turns
+    # right after the system prompt: part of the cached prefix, so free per request.
+    examples: tuple[tuple[str, str, str], ...] = ()
 
 
 SENTIMENT_PROMPTS: dict[str, SentimentPrompt] = {
@@ -78,6 +81,28 @@ CHAT_PROMPTS: dict[str, ChatPrompt] = {
             description="The original recipe: empathetic system prompt, sentiment tag in the user turn.",
             system="你是一个富有同理心的AI助手,请以温暖、自然的方式回应用户。",
             user_template='[情感标签:{tag}] 用户说:"{message}" 请以助手身份回应。',
+        ),
+        ChatPrompt(
+            name="warm",
+            description="A caring friend: same language as the user, 1-3 short sentences, no lists; the "
+                        "detected mood follows the message; four example exchanges (ours) set the tone.",
+            system="你是一个温暖、体贴的朋友。用户会分享生活里的好消息或坏消息,消息后面的括号里是检测到的情绪。"
+                   "用和用户相同的语言回复:用户写中文就用中文,用户写英文就用英文。"
+                   "只说一到三句简短、自然、真诚的话:好消息就真心为对方高兴,坏消息就先表示理解和安慰。"
+                   "不要重复用户的话,不要提情绪标签,不要列清单,不要用 Markdown。\n"
+                   "Always reply in the user's language, in one to three short, warm sentences.",
+            user_template="{message}\n({tag})",
+            tags={"positive": "mood: positive", "negative": "mood: negative"},
+            examples=(
+                ("我养的多肉终于开花了!", "positive",
+                 "哇,多肉开花可不常见,你的用心照顾有回报啦!记得拍张照片留念。"),
+                ("最近加班太多,感觉身体被掏空了。", "negative",
+                 "连续加班真的太消耗人了,辛苦你了。今晚能早点休息吗?身体比什么都重要。"),
+                ("I finally fixed the old bike my dad gave me!", "positive",
+                 "That's so satisfying, nice work! I bet it feels special to ride it again."),
+                ("I missed the bus and was late for my exam.", "negative",
+                 "Oh no, what a stressful start to the day. I'm sorry that happened. Were you still able to sit the exam?"),
+            ),
         ),
     ]
 }
