@@ -40,3 +40,8 @@ def test_language_detection():
     assert reply_language("Hello there, how was your day?") == "en"
     assert reply_language("太好了 OK") == "zh"
     assert reply_language("😊!!") == "none"
+
+
+def test_cheerful_reply_to_bad_news_fails_on_tone():
+    assert "tone" in check_reply("My dog passed away this morning.", "That's amazing! I'm glad you had a wonderful day.",
+                                 "en", "negative")

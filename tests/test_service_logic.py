@@ -60,9 +60,26 @@ def test_respond_gives_sentiment_first_then_reply_and_records_the_turn():
     assert len(conversation.turns) == 1
     turn = conversation.turns[0]
     assert turn.message == "我升职了!" and turn.reply == "谢谢你的分享!"
-    assert "[情感标签:" in turn.user_content
+    # the detected sentiment reaches the model in the user turn, worded for the message's language
+    assert turn.user_content == assistant.chat.user_content("我升职了!", response.sentiment.label)
+    assert "情绪:" in turn.user_content
     assert response.stats.finish_reason == "stop"
     assert response.stats.completion_tokens > 0
+
+
+@pytest.mark.parametrize("message,tag", [("今天下雨了", "[情感标签:"), ("It rained today", "[情感标签:")])
+def test_original_chat_format_stays_available(message, tag):
+    assistant = make_assistant(chat_prompt="original")
+    assert assistant.chat.user_content(message, "positive").startswith(tag + "正面]")
+
+
+def test_warm_prompt_examples_precede_the_history():
+    assistant = make_assistant()
+    messages = assistant.chat.messages([], "now")
+    assert messages[0]["role"] == "system"
+    assert len(messages) == 2 + 2 * len(assistant.chat.prompt.examples)
+    assert [m["role"] for m in messages[1:-1]] == ["user", "assistant"] * len(assistant.chat.prompt.examples)
+    assert assistant.chat.user_content("I won!", "positive").endswith("(mood: positive)")
 
 
 def test_second_turn_reuses_the_first_turns_cache():
@@ -87,7 +104,8 @@ def test_interrupted_reply_keeps_the_partial_turn():
 
 
 def test_history_is_trimmed_from_the_oldest_turn_and_system_prompt_stays():
-    assistant = make_assistant(n_ctx=700, reply_max_tokens=64)
+    # the original chat prompt: short enough for this small byte-level context
+    assistant = make_assistant(n_ctx=700, reply_max_tokens=64, chat_prompt="original")
     conversation = Conversation()
     for i in range(12):
         assistant.respond(conversation, f"message number {i} " + "blah " * 10).text()

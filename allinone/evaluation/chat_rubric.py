@@ -11,29 +11,23 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+from ..roles.language import detect_language as reply_language
+
+_LATIN_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")  # for counting English words
 
 REFUSALS = [
     "抱歉，我无法", "抱歉,我无法", "我无法协助", "我不能协助", "无法完成这个请求", "作为一个ai", "作为一个人工智能",
     "i can't assist", "i cannot assist", "i can't help with", "i cannot help with", "i'm unable to",
     "i am unable to", "as an ai", "i'm sorry, but i can't", "i'm sorry, but i cannot",
 ]
-CONGRATULATIONS = ["恭喜", "祝贺", "太棒了", "真棒", "congratulations", "congrats", "well done", "awesome news"]
+CONGRATULATIONS = ["恭喜", "祝贺", "太棒了", "真棒", "好消息", "令人兴奋", "congratulations", "congrats", "well done",
+                   "that's amazing", "that's great", "great news", "awesome", "wonderful news"]
 CONDOLENCES = ["遗憾", "难过", "节哀", "抱歉听到", "很抱歉", "心疼", "sorry to hear", "so sorry", "condolence",
                "that's tough", "that must be hard"]
 _LIST_LINE = re.compile(r"^\s*(?:\d+[.、)]|[-*•]\s)", re.M)
 _MARKDOWN = re.compile(r"\*\*|```|^\s*#{1,6}\s", re.M)
 
 LENGTH = {"zh": (10, 200), "en": (8, 120)}  # zh: characters; en: words
-
-
-def reply_language(text: str) -> str:
-    cjk = len(_CJK.findall(text))
-    latin = sum(len(w) for w in _LATIN_WORD.findall(text))
-    if cjk == 0 and latin == 0:
-        return "none"
-    return "zh" if cjk >= latin / 3 else "en"
 
 
 def reply_length(text: str, lang: str) -> int:

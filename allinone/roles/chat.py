@@ -7,6 +7,7 @@ from typing import Sequence
 from ..conversation.history import Turn, fit_turns
 from ..engine.base import Engine, Sampling
 from ..engine.text import TextStream
+from .language import detect_language
 from .prompts import ChatPrompt
 from .sentiment import InputError
 from .template import ChatTemplate
@@ -24,7 +25,10 @@ class ChatRole:
         self.template = ChatTemplate(engine)
 
     def user_content(self, message: str, label: str) -> str:
-        return self.prompt.user_template.format(message=message, tag=self.prompt.tags[label])
+        tags = self.prompt.tags
+        if self.prompt.tags_by_language:
+            tags = self.prompt.tags_by_language.get(detect_language(message), tags)
+        return self.prompt.user_template.format(message=message, tag=tags[label])
 
     def messages(self, turns: Sequence[Turn], user_content: str) -> list[dict]:
         messages = [{"role": "system", "content": self.prompt.system}]

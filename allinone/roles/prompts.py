@@ -40,6 +40,9 @@ class ChatPrompt:
     system: str
     user_template: str  # "{message}" and "{tag}" (the detected sentiment, in `tags` wording)
     tags: dict[str, str] = field(default_factory=lambda: {"positive": "正面", "negative": "负面"})
+    # Tag wording per message language ("zh"/"en"), when it should follow the user's language:
+    # an English tag after a Chinese message pulls a small model into answering in English.
+    tags_by_language: dict[str, dict[str, str]] | None = None
     # Example exchanges (message, detected label, reply), shown to the model as earlier turns
     # right after the system prompt: part of the cached prefix, so free per request.
     examples: tuple[tuple[str, str, str], ...] = ()
@@ -89,19 +92,20 @@ CHAT_PROMPTS: dict[str, ChatPrompt] = {
             system="你是一个温暖、体贴的朋友。用户会分享生活里的好消息或坏消息,消息后面的括号里是检测到的情绪。"
                    "用和用户相同的语言回复:用户写中文就用中文,用户写英文就用英文。"
                    "只说一到三句简短、自然、真诚的话:好消息就真心为对方高兴,坏消息就先表示理解和安慰。"
-                   "不要重复用户的话,不要提情绪标签,不要列清单,不要用 Markdown。\n"
-                   "Always reply in the user's language, in one to three short, warm sentences.",
+                   "不要重复用户的话,不要提情绪标签,不要列清单,不要用 Markdown。",
             user_template="{message}\n({tag})",
             tags={"positive": "mood: positive", "negative": "mood: negative"},
+            tags_by_language={"zh": {"positive": "情绪:正面", "negative": "情绪:负面"},
+                              "en": {"positive": "mood: positive", "negative": "mood: negative"}},
             examples=(
-                ("我养的多肉终于开花了!", "positive",
-                 "哇,多肉开花可不常见,你的用心照顾有回报啦!记得拍张照片留念。"),
-                ("最近加班太多,感觉身体被掏空了。", "negative",
-                 "连续加班真的太消耗人了,辛苦你了。今晚能早点休息吗?身体比什么都重要。"),
                 ("I finally fixed the old bike my dad gave me!", "positive",
                  "That's so satisfying, nice work! I bet it feels special to ride it again."),
+                ("我养的多肉终于开花了!", "positive",
+                 "哇,多肉开花可不常见,你的用心照顾有回报啦!记得拍张照片留念。"),
                 ("I missed the bus and was late for my exam.", "negative",
                  "Oh no, what a stressful start to the day. I'm sorry that happened. Were you still able to sit the exam?"),
+                ("最近加班太多,感觉身体被掏空了。", "negative",
+                 "连续加班真的太消耗人了,辛苦你了。今晚能早点休息吗?身体比什么都重要。"),
             ),
         ),
     ]
