@@ -29,13 +29,16 @@ def fit_turns(turns: Sequence[Turn], count_tokens: Callable[[Sequence[Turn]], in
               *, slack: float = 0.25) -> int:
     """How many of the oldest turns to drop so that `count_tokens(kept) <= budget`.
 
-    When trimming is needed we drop until the prompt fits in (1 - slack) of the budget, not just
-    under it: dropping the oldest turn shifts every later token, which invalidates the prefix
-    cache, so one bigger cut followed by several cache-friendly turns beats a cut on every turn.
+    When trimming is needed we drop until the history fills at most (1 - slack) of the room left
+    for it (the budget minus what no trimming removes: system prompt, examples, new message), not
+    just until it fits: dropping the oldest turn shifts every later token, which invalidates the
+    prefix cache, so one bigger cut followed by several cache-friendly turns beats a cut on every
+    turn.
     """
     if count_tokens(turns) <= budget:
         return 0
-    target = int(budget * (1 - slack))
+    fixed = count_tokens(turns[len(turns):])
+    target = fixed + int((budget - fixed) * (1 - slack))
     for drop in range(1, len(turns) + 1):
         if count_tokens(turns[drop:]) <= target:
             return drop
