@@ -309,6 +309,20 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
             raise ApiError(499, "the client went away", "cancelled")
         return kind, data
 
+    async def collect_reply(job: Job) -> tuple[list[str], dict]:
+        """For a non-streaming answer: the job's text deltas and its `done` event."""
+        deltas, done = [], None
+        async for kind, data in job.events_until_end():
+            if kind == ERROR:
+                raise as_api_error(data)
+            if kind == "delta":
+                deltas.append(data)
+            elif kind == "done":
+                done = data
+        if done is None:
+            raise ApiError(499, "the client went away", "cancelled")
+        return deltas, done
+
     # ---- page, health, metrics ----
     @app.get("/", include_in_schema=False)
     async def page():
@@ -403,16 +417,7 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
         if not body.stream:
             async with watching(request, job):
                 _, shown = await first_event(job)
-                reply, done = [], None
-                async for kind, data in job.events_until_end():
-                    if kind == ERROR:
-                        raise as_api_error(data)
-                    if kind == "delta":
-                        reply.append(data)
-                    elif kind == "done":
-                        done = data
-            if done is None:
-                raise ApiError(499, "the client went away", "cancelled")
+                reply, done = await collect_reply(job)
             shown.pop("session_id")
             return {**done, "sentiment": shown, "reply": "".join(reply)}
 
@@ -510,16 +515,7 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
         if not body.stream:
             async with watching(request, job):
                 await first_event(job)
-                text, done = [], None
-                async for kind, data in job.events_until_end():
-                    if kind == ERROR:
-                        raise as_api_error(data)
-                    if kind == "delta":
-                        text.append(data)
-                    elif kind == "done":
-                        done = data
-            if done is None:
-                raise ApiError(499, "the client went away", "cancelled")
+                text, done = await collect_reply(job)
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                  "finish_reason": done["finish_reason"]}],
