@@ -84,11 +84,13 @@ def test_cached_scores_equal_full_recompute(engine):
         np.testing.assert_allclose(with_cache, fresh, atol=1e-3)
 
 
-def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine):
+@pytest.mark.parametrize("text", ["房间干净,早餐也不错,下次还会再来。", "The battery died after two days, what a waste."])
+def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
     analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
-    tokens, _ = analyst.prompt_tokens("The battery died after two days, what a waste.")
+    tokens, _ = analyst.prompt_tokens(text)
+    engine.forget()
     full = engine.score(tokens, analyst.candidates)
-    for cached in (1, 3, 9):
+    for cached in range(1, 14):
         engine.forget()
         engine.score(tokens[:-cached], analyst.candidates)
         np.testing.assert_allclose(engine.score(tokens, analyst.candidates), full, atol=1e-3,

@@ -49,19 +49,6 @@ def test_cached_scores_equal_full_recompute(assistant):
         np.testing.assert_allclose(with_cache, fresh, atol=1e-3)
 
 
-@pytest.mark.parametrize("text", ["房间干净,早餐也不错,下次还会再来。", "The battery died after two days, what a waste."])
-def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(assistant, text):
-    engine, analyst = assistant.engine, assistant.analyst
-    tokens, _ = analyst.prompt_tokens(text)
-    engine.forget()
-    full = engine.score(tokens, analyst.candidates)
-    for cached in range(1, 14):
-        engine.forget()
-        engine.score(tokens[:-cached], analyst.candidates)
-        np.testing.assert_allclose(engine.score(tokens, analyst.candidates), full, atol=1e-3,
-                                   err_msg=f"{cached} tokens after the cached prefix")
-
-
 def test_scores_after_cache_reuse_equal_fresh_scores(assistant):
     """The serving pattern: many different texts through one lane, each reusing the cached
     instructions and whatever prefix the previous text left, against a recompute from empty."""
