@@ -4,6 +4,9 @@
 #              source the first time, ~10 minutes; pip caches the wheel afterwards).
 # make test  : setup, then the whole test suite (loads the real default model once).
 # make serve : setup, then the HTTP API and web page on http://127.0.0.1:8000/ (allinone serve).
+# make llama-server : builds llama.cpp's own server (the benchmark's peer, `allinone bench
+#              --llama-server build/llama-server`) from the very llama.cpp sources that
+#              llama-cpp-python vendors; ~10 minutes on 2 cores, nothing of it is committed.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +15,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup model browser test serve clean-venv
+.PHONY: setup model browser test serve clean-venv llama-server
 
 setup: $(STAMP) model browser
 
@@ -37,6 +40,21 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LLAMA_SRC := build/llama-cpp-python-src
+
+llama-server: build/llama-server
+
+build/llama-server: pyproject.toml | $(BIN)/python
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_SRC) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_SRC)
+	cmake -S $(LLAMA_SRC)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_SRC)/cmake \
+		-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DBUILD_SHARED_LIBS=OFF
+	cmake --build $(LLAMA_SRC)/cmake --target llama-server -j $$(nproc)
+	cp $(LLAMA_SRC)/cmake/bin/llama-server $@
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .conversation.history import Conversation, Turn
-from .engine import open_engine
+from .engine import open_engine, pick_engine
 from .engine.base import Engine, Sampling
 from .engine.text import TextStream
-from .model.store import resolve_model_path
+from .model.store import model_sha256, resolve_model_path
+from .roles.head import SentimentHead
 from .roles.chat import ChatRole
 from .roles.prompts import chat_prompt, sentiment_prompt
 from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_text
@@ -70,6 +71,7 @@ class Assistant:
     settings: Settings = field(default_factory=Settings)
     model_path: Path | None = None
     load_seconds: float = 0.0
+    head: SentimentHead | None = None
 
     def __post_init__(self):
         s = self.settings
@@ -81,11 +83,32 @@ class Assistant:
     @classmethod
     def load(cls, settings: Settings | None = None) -> "Assistant":
         settings = settings or Settings()
-        path = resolve_model_path(settings.model, settings.resolved_home())
+        path = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
         start = time.perf_counter()
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
-                             batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype)
-        return cls(engine=engine, settings=settings, model_path=path, load_seconds=time.perf_counter() - start)
+                             batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
+                             **({"repack": settings.repack} if pick_engine(path, settings.engine) == "llamacpp" else {}))
+        assistant = cls(engine=engine, settings=settings, model_path=path)
+        if settings.sentiment_head:
+            assistant.attach_head()
+        assistant.load_seconds = time.perf_counter() - start
+        return assistant
+
+    def head_directory(self) -> Path:
+        return self.settings.resolved_home() / "heads"
+
+    def model_sha256(self) -> str | None:
+        if self.model_path is None or not self.model_path.is_file():
+            return None  # a Hugging Face directory: no single file to key a head by
+        return model_sha256(self.model_path, self.settings.resolved_home())
+
+    def attach_head(self) -> SentimentHead | None:
+        """Use the learned head for this model and sentiment prompt, if there is one."""
+        sha = self.model_sha256()
+        head = SentimentHead.find(sha, self.analyst.prompt.name, self.head_directory()) if sha else None
+        self.analyst.use_head(head.logit_scorer(self.engine, self.analyst.candidates) if head else None)
+        self.head = head
+        return head
 
     def default_sampling(self) -> Sampling:
         s = self.settings
@@ -94,9 +117,11 @@ class Assistant:
     def analyze(self, text: str, *, method: str = "score") -> Sentiment:
         if method == "score":
             return self.analyst.analyze(text)
+        if method == "prompt":  # the prompt's two label tokens alone, even when a head is attached
+            return self.analyst.analyze(text, use_head=False)
         if method == "seed":
             return self.analyst.analyze_by_generation(text)
-        raise ValueError(f"unknown method {method!r} (score or seed)")
+        raise ValueError(f"unknown method {method!r} (score, prompt or seed)")
 
     def respond(self, conversation: Conversation, message: str, *, sampling: Sampling | None = None,
                 should_stop: Callable[[], bool] | None = None) -> Response:

@@ -21,6 +21,15 @@ class Settings(BaseSettings):
     home: Path = Field(Path("~/.cache/allinone").expanduser(),
                        description="Data directory: the default model, trained heads, session store.")
     model: str | None = Field(None, description="Path to a Qwen chat GGUF; default: the installed default model.")
+    default_weights: Literal["iq4_nl", "q4_k_m"] = Field(
+        "iq4_nl", description="Form of the default model when no --model is given: iq4_nl, derived locally from "
+                              "the verified Q4_K_M by `allinone install-model` (faster on CPU: repacked kernels), "
+                              "or the original q4_k_m. Falls back to q4_k_m when iq4_nl has not been made.")
+    repack: bool = Field(True, description="Let llama.cpp repack weights at load for its faster AVX2/NEON matrix "
+                                           "kernels (Q4_0, IQ4_NL, Q4_K tensors).")
+    sentiment_head: bool = Field(True, description="Decide sentiment with a learned head when one exists for this "
+                                                   "model and prompt (packaged, or made by `allinone train-head`); "
+                                                   "off = the prompt's two label tokens alone.")
     engine: Literal["auto", "llamacpp", "transformers"] = Field(
         "auto", description="Inference engine; 'auto' picks llama.cpp for .gguf files and transformers "
                             "(PyTorch, the optional extra) for a Hugging Face directory with config.json.")

@@ -17,6 +17,8 @@ SPECIALS = {"<|im_end|>": 256, "<|im_start|>": 257, "<|endoftext|>": 258}
 WORDS = {" Positive": 259, " Negative": 260, "Positive": 261, "Negative": 262}
 VOCAB = 263
 ASSISTANT_MARK = list(b"assistant\n")
+HIDDEN = 16
+OUTPUT_WEIGHT = np.random.default_rng(1234).normal(size=(VOCAB, HIDDEN)) / np.sqrt(HIDDEN)
 
 
 class FakeEngine(Engine):
@@ -71,9 +73,18 @@ class FakeEngine(Engine):
         history = [self.kv[lane][p] for p in range(end)]  # KeyError = a hole in the cache: a bug
         return self._logits(history)
 
-    def _logits(self, history: list[int]) -> np.ndarray:
+    def hidden_state(self, history: Sequence[int]) -> np.ndarray:
         seed = int.from_bytes(hashlib.sha256(np.array(history, dtype=np.int32).tobytes()).digest()[:8], "little")
-        logits = np.random.default_rng(seed).normal(size=VOCAB).astype(np.float32)
+        return np.random.default_rng(seed).normal(size=HIDDEN)
+
+    def output_weight_chunks(self, rows: int = 100):
+        for start in range(0, VOCAB, rows):
+            yield OUTPUT_WEIGHT[start:start + rows].astype(np.float32)
+
+    def _logits(self, history: list[int]) -> np.ndarray:
+        # Like a real model: a hidden state projected by a fixed output matrix (which a learned
+        # head relies on), then the script's nudge.
+        logits = (OUTPUT_WEIGHT @ self.hidden_state(history)).astype(np.float32)
         # Scripted continuation: after "<|im_start|>assistant\n", spell the reply, then end the turn.
         mark = [SPECIALS["<|im_start|>"], *ASSISTANT_MARK]
         for start in range(len(history) - len(mark), -1, -1):

@@ -57,11 +57,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def load_assistant(settings: Settings):
     from ..engine.base import EngineError
     from ..model.store import ModelError
+    from ..roles.head import HeadError
     from ..service import Assistant
 
     try:
         return Assistant.load(settings)
-    except (ModelError, EngineError) as err:
+    except (ModelError, EngineError, HeadError) as err:
         raise CliError(str(err), EXIT_FAILURE) from None
 
 
@@ -78,21 +79,31 @@ def warn(message: str) -> None:
 # ---- commands -----------------------------------------------------------------------------------
 
 def cmd_install_model(args, settings: Settings) -> int:
-    from ..model.store import ModelError, install_default_model
+    from ..engine import EngineError
+    from ..model.store import ModelError, derive_model, install_default_model
+
+    def progress(message):
+        print(message, file=sys.stderr)
 
     try:
-        install_default_model(settings.resolved_home(), progress=lambda m: print(m, file=sys.stderr))
+        install_default_model(settings.resolved_home(), progress=progress)
     except ModelError as err:
         raise CliError(str(err), EXIT_FAILURE) from None
+    if settings.default_weights == "iq4_nl":
+        try:
+            derive_model(settings.resolved_home(), progress=progress, threads=settings.threads)
+        except (ModelError, EngineError) as err:
+            # The original model works; only the speed-up is missing.
+            warn(f"{err}\nThe original Q4_K_M model will be used.")
     return 0
 
 
 def cmd_model(args, settings: Settings) -> int:
     from ..model import gguf_info
-    from ..model.store import DEFAULT_MODEL, ModelError, resolve_model_path, sha256_of
+    from ..model.store import DEFAULT_WEIGHTS, ModelError, resolve_model_path, sha256_of
 
     try:
-        path = resolve_model_path(settings.model, settings.resolved_home())
+        path = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
     except ModelError as err:
         raise CliError(str(err), EXIT_FAILURE) from None
     from ..engine import EngineError, pick_engine
@@ -116,7 +127,9 @@ def cmd_model(args, settings: Settings) -> int:
         info["engine"] = None
         info.setdefault("error", str(err))
     if info["default"]:
-        info["verified"] = info.get("sha256") == DEFAULT_MODEL.sha256 and info["size"] == DEFAULT_MODEL.size
+        spec = next((spec for spec in DEFAULT_WEIGHTS.values() if spec.filename == path.name), None)
+        info["name"] = spec.name if spec else None
+        info["verified"] = bool(spec) and info.get("sha256") == spec.sha256 and info["size"] == spec.size
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
     else:
@@ -256,7 +269,7 @@ def cmd_batch(args, settings: Settings) -> int:
 
 def cmd_eval(args, settings: Settings) -> int:
     from ..evaluation.data import DataError, load_labelled
-    from ..evaluation.metrics import format_report, summarize
+    from ..evaluation.metrics import calibration, draw_reliability, format_report, summarize
 
     try:
         items = load_labelled(args.data)
@@ -267,16 +280,27 @@ def cmd_eval(args, settings: Settings) -> int:
     if not items:
         raise CliError(f"{args.data} has no labelled texts")
     assistant = load_assistant(settings)
-    predictions, latencies = [], []
+    predictions, latencies, probabilities = [], [], []
     started = time.perf_counter()
     with progress_bar(total=len(items), desc=f"eval ({args.method})", disable=args.quiet) as bar:
         for item in items:
             result = assistant.analyze(item["text"], method=args.method)
             predictions.append(result.label)
             latencies.append(result.latency_ms)
+            probabilities.append(result.probability)
             bar.update(1)
     report = summarize(items, predictions, latencies)
+    if None not in probabilities:
+        correct = [p == item["label"] for p, item in zip(predictions, items)]
+        report["calibration"] = calibration(probabilities, correct)
+        if args.plot:
+            draw_reliability(report["calibration"], args.plot,
+                             title=f"{Path(args.data).name}: {args.method}, {assistant.model_path.name}")
+    elif args.plot:
+        warn("the seed method gives no probabilities: no reliability diagram")
+    head = assistant.head if args.method == "score" else None
     report.update({"method": args.method, "sentiment_prompt": settings.sentiment_prompt,
+                   "head": (str(head.info.get("source") or "packaged") if head else None),
                    "model": str(assistant.model_path), "engine": assistant.engine.description,
                    "load_seconds": round(assistant.load_seconds, 3),
                    "wall_seconds": round(time.perf_counter() - started, 3),
@@ -285,7 +309,44 @@ def cmd_eval(args, settings: Settings) -> int:
         print(json.dumps(report, ensure_ascii=False))
     else:
         print(format_report(report))
+        if "calibration" in report:
+            print(f"expected calibration error (10 bins): {report['calibration']['ece']:.3f}")
         print(f"model load {report['load_seconds']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def cmd_train_head(args, settings: Settings) -> int:
+    from ..evaluation.data import DataError, load_labelled
+    from ..roles.head import HeadError, check_training_labels, train_head
+
+    try:
+        items = load_labelled(args.data)
+        check_training_labels([item["label"] for item in items])
+    except (DataError, HeadError) as err:
+        raise CliError(str(err)) from None
+    if not 0.05 <= args.holdout <= 0.5:
+        raise CliError("--holdout must be between 0.05 and 0.5")
+    assistant = load_assistant(settings.model_copy(update={"sentiment_head": False}))
+    sha = assistant.model_sha256()
+    if sha is None:
+        raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
+    with progress_bar(total=len(items), desc="train-head (reading hidden states)", disable=args.quiet) as bar:
+        try:
+            head, report = train_head(assistant.analyst, [item["text"] for item in items],
+                                      [item["label"] for item in items], model_sha256=sha,
+                                      holdout=args.holdout, progress=bar.update, source=Path(args.data).name)
+        except HeadError as err:
+            raise CliError(str(err)) from None
+    path = head.save(Path(args.output_dir) if args.output_dir else assistant.head_directory())
+    report.update({"head": str(path), "model_sha256": sha, "sentiment_prompt": head.prompt})
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
+              f"{report['heldout_accuracy_head']:.3f}, prompt alone {report['heldout_accuracy_prompt']:.3f} "
+              f"(L2 {report['l2']:g}; {report['seconds']:.0f} s)")
+        print(f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
+              f"(--sentiment-head false turns it off)")
     return 0
 
 
@@ -341,30 +402,68 @@ def cmd_eval_chat(args, settings: Settings) -> int:
 DEFAULT_TEXTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment-dev.jsonl"
 
 
+QUICK_TEXTS = 60
+
+
 def cmd_bench(args, settings: Settings) -> int:
     from ..evaluation.bench import compare_methods, rss_mb
     from ..evaluation.data import DataError, load_labelled
+    from ..roles.prompts import SENTIMENT_PROMPTS
 
     texts = Path(args.texts) if args.texts else DEFAULT_TEXTS
     try:
         items = load_labelled(texts)
     except DataError as err:
         raise CliError(f"{err} (choose the texts with --texts FILE)") from None
-    items = items[: args.limit] if args.limit else items
+    limit = args.limit or (QUICK_TEXTS if args.quick else 0)
+    if limit and limit < len(items):
+        # An even spread over the file, so a quick run still covers every source and language.
+        items = [items[i * len(items) // limit] for i in range(limit)]
     before = rss_mb()
     assistant = load_assistant(settings)
     loaded = rss_mb()
-    methods = {"score": assistant.analyze, "seed": lambda text: assistant.analyze(text, method="seed")}
-    with progress_bar(total=len(items), desc="bench (score vs seed)", disable=args.quiet) as bar:
-        results = compare_methods(items, methods, progress=lambda: bar.update(1),
-                                  reset=assistant.analyst.warm_prefix)
+    analyst = assistant.analyst
+    methods = {"score": assistant.analyze}
+    if assistant.head is not None:
+        methods["prompt"] = lambda text: assistant.analyze(text, method="prompt")
+    methods["seed"] = lambda text: assistant.analyze(text, method="seed")
+    resets = {name: analyst.warm_prefix for name in methods}
+    peer = None
+    if args.llama_server:
+        from ..evaluation.peer import LlamaServerPeer
+        from ..model.store import ModelError, resolve_model_path
+
+        try:
+            peer_model = Path(args.peer_model) if args.peer_model else resolve_model_path(
+                settings.model, settings.resolved_home(), "q4_k_m")
+            peer = LlamaServerPeer(Path(args.llama_server), peer_model,
+                                   SENTIMENT_PROMPTS["original"].template, threads=settings.threads)
+        except (OSError, RuntimeError, ModelError) as err:
+            raise CliError(f"cannot start the llama-server peer: {err}", EXIT_FAILURE) from None
+        methods["llama-server"] = peer.analyze
+        resets["llama-server"] = peer.warm_prefix
+    else:
+        warn("no --llama-server given: the llama.cpp server peer is skipped (build one with `make llama-server`)")
+    try:
+        with progress_bar(total=len(items), desc=f"bench ({', '.join(methods)})", disable=args.quiet) as bar:
+            results = compare_methods(items, methods, progress=lambda: bar.update(1), reset=resets)
+    finally:
+        if peer:
+            peer.close()
+    p50 = {name: r["latency_ms"]["p50"] for name, r in results.items()}
     report = {
         "texts": str(texts), "n": len(items), "engine": assistant.engine.description,
-        "model": str(assistant.model_path), "load_seconds": round(assistant.load_seconds, 3),
+        "model": str(assistant.model_path), "head": assistant.head is not None,
+        "load_seconds": round(assistant.load_seconds, 3),
         "rss_before_load_mb": round(before, 1), "rss_after_load_mb": round(loaded, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "methods": results,
-        "speedup_score_vs_seed": results["seed"]["latency_ms"]["p50"] / results["score"]["latency_ms"]["p50"],
+        "speedup_score_vs_seed": p50["seed"] / p50["score"],
     }
+    if "prompt" in p50:
+        report["head_latency_ratio"] = p50["score"] / p50["prompt"]
+    if peer:
+        report["peer_model"] = str(peer.model)
+        report["speedup_vs_llama_server"] = p50["llama-server"] / p50["score"]
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -375,6 +474,8 @@ def cmd_bench(args, settings: Settings) -> int:
         for name, r in results.items():
             print(f"| {name} | {r['accuracy']:.3f} | {r['latency_ms']['p50']:.0f} | {r['latency_ms']['p95']:.0f} |")
         print(f"score is {report['speedup_score_vs_seed']:.1f}x faster than seed (median latency, same run)")
+        if peer:
+            print(f"score is {report['speedup_vs_llama_server']:.2f}x faster than llama-server on {peer.model.name}")
     return 0
 
 
@@ -414,8 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("analyze", cmd_analyze, "Sentiment of each TEXT (or of each stdin line).")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--method", choices=["score", "seed"], default="score",
-                   help="score: one forward pass over the two labels (default); "
+    p.add_argument("--method", choices=["score", "prompt", "seed"], default="score",
+                   help="score: one forward pass, decided by the learned head when there is one, else by the "
+                        "two label tokens (default); prompt: the two label tokens even with a head; "
                         "seed: the original recipe, 10 generated tokens + substring test")
     command("chat", cmd_chat, "Interactive chat: sentiment of each line at once, then the streamed reply.")
     p = command("batch", cmd_batch, "Label every JSONL line's `text`; resumable after an interruption.")
@@ -424,8 +526,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", cmd_eval, "Accuracy, per language/source, confusion matrix, latency on labelled JSONL.")
     p.add_argument("data", metavar="DATA.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--method", choices=["score", "seed"], default="score")
+    p.add_argument("--method", choices=["score", "prompt", "seed"], default="score")
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument("--plot", metavar="PNG", help="also draw a reliability diagram (probability vs accuracy)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = command("train-head", cmd_train_head, "Train the learned sentiment head for the current model and "
+                                              "sentiment prompt on labelled JSONL (text, label); used "
+                                              "automatically afterwards.")
+    p.add_argument("data", metavar="DATA.jsonl")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share kept aside (stratified) to report held-out accuracy before the final fit")
+    p.add_argument("--output-dir", metavar="DIR", help="where to save the head (default: <home>/heads)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("eval-chat", cmd_eval_chat, "Reply to each message (a new conversation each) and check the "
                                             "replies against the chat rubric; pass rate and failures by kind.")
@@ -435,10 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["default", "seed"], default="default",
                    help="seed: the original chat format, for comparison")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p = command("bench", cmd_bench, "Time one-pass scoring against the original recipe (seed) on the same "
-                                     "texts in one run; model load time and memory.")
+    p = command("bench", cmd_bench, "Time one-pass scoring against prompt-only scoring, the original recipe "
+                                     "(seed) and optionally llama.cpp's server, on the same texts in one run; "
+                                     "model load time and memory.")
     p.add_argument("--texts", metavar="FILE", help=f"labelled JSONL (default: {DEFAULT_TEXTS})")
-    p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument("--limit", type=int, default=0, help="N texts, spread evenly over the file")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_TEXTS} texts (unless --limit)")
+    p.add_argument("--llama-server", metavar="PATH",
+                   help="also time llama.cpp's llama-server binary (`make llama-server` builds one) as a peer")
+    p.add_argument("--peer-model", metavar="GGUF",
+                   help="the peer's model (default: the original Q4_K_M default model, or --model)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     command("serve", cmd_serve, "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "

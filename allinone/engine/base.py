@@ -4,7 +4,10 @@ An engine knows nothing of prompts, roles or conversations. It offers three thin
 
 * the model's vocabulary (tokenize, token bytes, end-of-generation ids, chat template text);
 * `score(tokens, candidates)`: one forward pass, log-probabilities of candidate next tokens;
-* `generate(tokens, sampling)`: next tokens one by one, stoppable at any point.
+* `generate(tokens, sampling)`: next tokens one by one, stoppable at any point;
+* `logits(tokens)` and `output_weight_chunks()`: the whole last-position logits and the output
+  projection they came from, which is all a learned head on the final hidden state needs
+  (roles/head.py).
 
 Both compute calls go through a prefix KV cache organised in *lanes* (sequences in the KV
 memory). A lane remembers which tokens its KV entries hold; a request on a lane evaluates only
@@ -247,6 +250,15 @@ class Engine(ABC):
         (the rest of the vocabulary says nothing about which candidate the model prefers, and
         leaving it out lets a backend skip most of the output projection)."""
         return [float(x) for x in log_softmax(self._evaluate(tokens, lane, candidates))]
+
+    def logits(self, tokens: Sequence[int], *, lane: int = 0) -> np.ndarray:
+        """All next-token logits after `tokens` (float32, vocabulary-sized), same cache as score()."""
+        return np.asarray(self._evaluate(tokens, lane), dtype=np.float32)
+
+    @abstractmethod
+    def output_weight_chunks(self, rows: int = 8192) -> Iterator[np.ndarray]:
+        """The output projection W (logits = W · final hidden state; vocabulary x hidden), as
+        float32 blocks of consecutive rows, in order."""
 
     def generate(self, tokens: Sequence[int], sampling: Sampling = Sampling(), *, lane: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> Generation:

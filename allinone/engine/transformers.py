@@ -298,6 +298,14 @@ class TransformersEngine(Engine):
                 None if self._lm_head.bias is None else self._lm_head.bias.index_select(0, rows))
         return logits.float().numpy().copy()
 
+    def output_weight_chunks(self, rows: int = 8192):
+        if self._lm_head.bias is not None:
+            raise EngineError("this model's output projection has a bias; a learned head needs one without")
+        weight = self._lm_head.weight
+        with self._torch.inference_mode():
+            for start in range(0, weight.shape[0], rows):
+                yield weight[start:start + rows].float().numpy().copy()
+
     # ---- for tests and the original recipe --------------------------------------------------
     @property
     def hf_model(self):

@@ -27,17 +27,19 @@ def peak_rss_mb() -> float:
 
 def compare_methods(items: Sequence[dict], methods: dict[str, Callable[[str], object]],
                     progress: Callable[[], None] | None = None,
-                    reset: Callable[[], None] | None = None) -> dict:
+                    reset: Callable[[], None] | dict[str, Callable[[], None]] | None = None) -> dict:
     """Run every method on every text, alternating per text; latency and accuracy per method.
 
     `reset` runs (untimed) before each call: without it the second method would find the text
-    already in the prefix cache, left there by the first, and look faster than it is."""
+    already in the prefix cache, left there by the first, and look faster than it is. A dict
+    gives each method its own reset (e.g. a peer server with its own cache)."""
+    resets = reset if isinstance(reset, dict) else {name: reset for name in methods}
     latencies = {name: [] for name in methods}
     correct = {name: 0 for name in methods}
     for item in items:
         for name, method in methods.items():
-            if reset:
-                reset()
+            if resets.get(name):
+                resets[name]()
             start = time.perf_counter()
             result = method(item["text"])
             latencies[name].append((time.perf_counter() - start) * 1000)

@@ -49,3 +49,46 @@ def format_report(report: dict) -> str:
     for gold in LABELS:
         lines.append(f"  {gold:<10}" + "".join(f"{report['confusion'][gold][p]:>10}" for p in LABELS))
     return "\n".join(lines)
+
+
+def calibration(probabilities: Sequence[float], correct: Sequence[bool], bins: int = 10) -> dict:
+    """Expected calibration error over equal-width bins of the reported probability of the chosen
+    label (which is >= 0.5, so the lower bins stay empty), and the per-bin table behind it."""
+    p = np.asarray(probabilities, dtype=float)
+    ok = np.asarray(correct, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            confidence, accuracy = float(p[members].mean()), float(ok[members].mean())
+            ece += members.mean() * abs(confidence - accuracy)
+            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(members.sum()),
+                          "confidence": confidence, "accuracy": accuracy})
+    return {"ece": float(ece), "bins": table}
+
+
+def draw_reliability(calib: dict, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfect calibration")
+    centres = [b["confidence"] for b in calib["bins"]]
+    ax.bar([(b["low"] + b["high"]) / 2 for b in calib["bins"]], [b["accuracy"] for b in calib["bins"]],
+           width=0.09, alpha=0.6, label="observed accuracy")
+    ax.plot(centres, [b["accuracy"] for b in calib["bins"]], "o-", color="C1", label="bin mean confidence")
+    for b in calib["bins"]:
+        ax.annotate(str(b["n"]), ((b["low"] + b["high"]) / 2, b["accuracy"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(0.45, 1.0)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("reported probability of the label")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {calib['ece']:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -46,6 +46,12 @@ def validate_text(text, max_chars: int) -> str:
 _CONTENT_MARK = "\x00text\x00"
 
 
+@dataclass
+class _Positive:
+    value: float
+    truncated: bool
+
+
 class SentimentAnalyst:
     def __init__(self, engine: Engine, prompt: SentimentPrompt, *, lane: int = 0,
                  max_text_chars: int = 20_000, max_text_tokens: int = 1024):
@@ -61,6 +67,7 @@ class SentimentAnalyst:
         overhead = len(self._before) + len(self._after) + 1
         self.max_text_tokens = max(1, min(max_text_tokens, engine.n_ctx - overhead))
         self.candidates = [self._label_token(prompt.label_words[label]) for label in LABELS]
+        self.head = None
         if self.candidates[0] == self.candidates[1]:
             raise ValueError(f"prompt {prompt.name!r}: the label words share their first token")
 
@@ -100,21 +107,33 @@ class SentimentAnalyst:
             text_ids = text_ids[:head] + text_ids[len(text_ids) - (self.max_text_tokens - head):]
         return self._before + text_ids + self._after, truncated
 
+    def use_head(self, scorer) -> None:
+        """Decide by a learned head (roles/head.py) on the same forward pass; None = prompt only."""
+        self.head = scorer
+
     def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
         tokens, truncated = self.prompt_tokens(text)
         return np.array(self.engine.score(tokens, self.candidates, lane=self.lane)), truncated
 
-    def analyze(self, text: str) -> Sentiment:
+    def analyze(self, text: str, *, use_head: bool = True) -> Sentiment:
         validate_text(text, self.max_text_chars)
         start = time.perf_counter()
+        positive = self.positive_probability(text, use_head=use_head)
+        best = 0 if positive.value >= 0.5 else 1
+        probability = positive.value if best == 0 else 1.0 - positive.value
+        return Sentiment(label=LABELS[best], probability=float(probability),
+                         latency_ms=(time.perf_counter() - start) * 1000, truncated=positive.truncated)
+
+    def positive_probability(self, text: str, *, use_head: bool = True) -> "_Positive":
+        if self.head is not None and use_head:
+            tokens, truncated = self.prompt_tokens(text)
+            logits = self.engine.logits(tokens, lane=self.lane)
+            return _Positive(self.head.positive_probability(logits), truncated)
         logprobs, truncated = self.label_logprobs(text)
         # Softmax over the two candidates only: the probability mass the model puts elsewhere
         # says nothing about which of the two labels it prefers.
         probs = np.exp(logprobs - logprobs.max())
-        probs /= probs.sum()
-        best = int(np.argmax(probs))
-        return Sentiment(label=LABELS[best], probability=float(probs[best]),
-                         latency_ms=(time.perf_counter() - start) * 1000, truncated=truncated)
+        return _Positive(float(probs[0] / probs.sum()), truncated)
 
     def analyze_by_generation(self, text: str, max_tokens: int = 10) -> Sentiment:
         """The original recipe: greedy-generate up to 10 tokens, look for "Positive" in them."""
