@@ -50,9 +50,14 @@ def test_model_json(cli_env):
     code, out, err = run(["model", "--json"], cli_env)
     assert code == 0, err
     info = json.loads(out)
+    # the derived fast form of the default model, made by `make setup` (install-model)
+    assert info["sha256"] == "360bc2830f3df042679576c8342bcf124fb1deb8dbb18e2f31eff2aa3e72448c"
+    assert info["size"] == 496_797_568 and info["verified"] is True
+    assert info["architecture"] == "qwen2" and info["context_length"] == 32768
+    code, out, err = run(["model", "--json", "--default-weights", "q4_k_m"], cli_env)
+    info = json.loads(out)
     assert info["sha256"] == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
     assert info["size"] == 491_400_064 and info["verified"] is True
-    assert info["architecture"] == "qwen2" and info["context_length"] == 32768
 
 
 def test_missing_model_path_is_a_clear_error(cli_env, tmp_path):
@@ -168,3 +173,102 @@ def test_eval_chat_rejects_malformed_messages(cli_env, tmp_path):
     write_jsonl(data, [{"id": "a", "lang": "fr", "sentiment": "positive", "message": "salut"}])
     code, _, err = run(["eval-chat", str(data)], cli_env)
     assert code == 2 and "lang zh|en" in err
+
+
+def test_eval_reports_calibration_and_draws_the_reliability_diagram(cli_env, tmp_path):
+    data, png = tmp_path / "data.jsonl", tmp_path / "reliability.png"
+    write_jsonl(data, [
+        {"text": "太棒了,非常满意", "label": "positive"},
+        {"text": "The worst hotel I have ever stayed in.", "label": "negative"},
+        {"text": "还行吧,一般般", "label": "negative"},
+    ])
+    code, out, err = run(["eval", str(data), "--json", "--plot", str(png)], cli_env)
+    assert code == 0, err
+    calibration = json.loads(out)["calibration"]
+    assert 0.0 <= calibration["ece"] <= 1.0 and sum(b["n"] for b in calibration["bins"]) == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [{"text": t, "label": l} for t, l in [
+        ("太棒了,非常满意", "positive"), ("The worst hotel I have ever stayed in.", "negative"),
+        ("Lovely staff, would come back.", "positive"), ("送餐太慢了,菜都凉了", "negative")]])
+    code, out, err = run(["bench", "--texts", str(data), "--json", "--quiet", "--no-original"], cli_env)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["n"] == 4 and {"score", "seed"} <= set(report["methods"])
+    assert report["speedup_score_vs_seed"] > 0 and report["peak_rss_mb"] > 0
+    assert "llama-server peer is skipped" in err
+
+
+# ---- train-head: the learned head on the real model -------------------------------------------------
+
+def home_with_models(tmp_path, cli_env) -> dict:
+    """A fresh ALLINONE_HOME that shares the installed models but has no heads of its own."""
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(Path(cli_env["ALLINONE_HOME"]) / "models")
+    return {**cli_env, "ALLINONE_HOME": str(home)}
+
+
+TRAIN_TEXTS = [
+    ("太棒了,非常满意", "positive"), ("服务很好,下次还来", "positive"), ("味道不错,物流也快", "positive"),
+    ("质量很好,推荐购买", "positive"), ("The staff were lovely and helpful.", "positive"),
+    ("Great value, I would buy it again.", "positive"), ("An excellent, moving film.", "positive"),
+    ("Fast delivery and it works perfectly.", "positive"), ("房间干净,位置方便", "positive"),
+    ("非常好用,超出预期", "positive"), ("Best coffee in town!", "positive"), ("I love this phone.", "positive"),
+    ("太差了,再也不买了", "negative"), ("送餐太慢,菜都凉了", "negative"), ("质量很差,用了一天就坏", "negative"),
+    ("客服态度恶劣", "negative"), ("The worst hotel I have ever stayed in.", "negative"),
+    ("It broke after two days.", "negative"), ("A dull, boring film.", "negative"),
+    ("Rude staff and cold food.", "negative"), ("房间又脏又吵", "negative"), ("完全是浪费钱", "negative"),
+    ("Terrible battery life.", "negative"), ("I want my money back.", "negative"),
+]
+
+
+def test_train_head_learns_from_a_small_file_and_changes_predictions(cli_env, tmp_path):
+    env = home_with_models(tmp_path, cli_env)
+    # Labels inverted on purpose: a head that learns must then disagree with the prompt alone.
+    flipped = {"positive": "negative", "negative": "positive"}
+    data = tmp_path / "mine.jsonl"
+    write_jsonl(data, [{"text": t, "label": flipped[l]} for t, l in TRAIN_TEXTS])
+    probe = ["今天的实验终于成功了,太棒了!", "The service was slow and the food was cold."]
+    code, out, err = run(["analyze", "--json", *probe], env)
+    before = [json.loads(line)["label"] for line in out.splitlines()]
+    assert before == ["positive", "negative"], err
+
+    code, out, err = run(["train-head", str(data), "--json", "--quiet"], env, timeout=600)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["examples"] == len(TRAIN_TEXTS) and report["heldout"] >= 2
+    assert report["heldout_accuracy_head"] > report["heldout_accuracy_prompt"]
+    head_file = tmp_path / "home" / "heads" / report["head"].rsplit("/", 1)[-1]
+    assert head_file.is_file()
+
+    code, out, err = run(["analyze", "--json", *probe], env)
+    assert [json.loads(line)["label"] for line in out.splitlines()] == ["negative", "positive"], err
+    code, out, err = run(["analyze", "--json", "--sentiment-head", "false", *probe], env)
+    assert [json.loads(line)["label"] for line in out.splitlines()] == before
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "good", "label": "positive"}] * 3 + [{"text": "bad", "label": "negative"}] * 3, "too few"),
+    ([{"text": f"good {i}", "label": "positive"} for i in range(30)], "only 0 'negative'"),
+    ([{"text": "good", "label": "positive"}, {"text": "bad", "label": "maybe"}], "line 2: 'label' must be one of"),
+])
+def test_train_head_refuses_unusable_data(cli_env, tmp_path, rows, message):
+    env = home_with_models(tmp_path, cli_env)
+    data = tmp_path / "bad.jsonl"
+    write_jsonl(data, rows)
+    code, out, err = run(["train-head", str(data)], env)
+    assert code == 2 and message in err
+    assert not (tmp_path / "home" / "heads").exists()
+
+
+def test_train_head_names_a_broken_line(cli_env, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"text": "good", "label": "positive"}\n{"text": broken\n')
+    code, _, err = run(["train-head", str(data)], home_with_models(tmp_path, cli_env))
+    assert code == 2 and "bad.jsonl line 2: invalid JSON" in err

@@ -171,3 +171,17 @@ def test_real_model_through_transformers_agrees_with_llamacpp(hf_assistant, assi
     cached = hf_assistant.analyst.label_logprobs(AGREEMENT_TEXTS[0][0])[0]
     engine.forget()
     np.testing.assert_allclose(hf_assistant.analyst.label_logprobs(AGREEMENT_TEXTS[0][0])[0], cached, atol=1e-3)
+
+
+def test_the_benchmarks_original_recipe_agrees_with_the_seed_method(tiny_model_dir, tiny_engine):
+    from allinone.evaluation.original import OriginalRecipe
+
+    recipe = OriginalRecipe(tiny_model_dir, sentiment_prompt("original").template, threads=1)
+    analyst = SentimentAnalyst(tiny_engine, sentiment_prompt("original"), lane=0)
+    for text in RECIPE_TEXTS:
+        assert recipe.analyze(text).label == analyst.analyze_by_generation(text).label
+
+
+def test_output_weight_chunks_are_the_lm_head(tiny_engine):
+    weight = np.concatenate(list(tiny_engine.output_weight_chunks(rows=7)))
+    assert np.array_equal(weight, tiny_engine.hf_model.get_output_embeddings().weight.detach().float().numpy())

@@ -444,6 +444,22 @@ def cmd_bench(args, settings: Settings) -> int:
         resets["llama-server"] = peer.warm_prefix
     else:
         warn("no --llama-server given: the llama.cpp server peer is skipped (build one with `make llama-server`)")
+    original = None
+    if not args.no_original:
+        from ..evaluation.original import OriginalRecipe
+        from ..model.store import ModelError, resolve_model_path
+
+        try:
+            recipe_model = Path(args.original_model) if args.original_model else resolve_model_path(
+                settings.model, settings.resolved_home(), "q4_k_m")
+            started = time.perf_counter()
+            print(f"loading the original recipe's transformers float32 model from {recipe_model.name} "
+                  "(dequantising a GGUF takes a few minutes) ...", file=sys.stderr)
+            original = OriginalRecipe(recipe_model, SENTIMENT_PROMPTS["original"].template, threads=settings.threads)
+            original_load = time.perf_counter() - started
+        except (OSError, ModelError, ImportError) as err:
+            raise CliError(f"cannot load the original recipe's model: {err}", EXIT_FAILURE) from None
+        methods["original"] = original.analyze
     try:
         with progress_bar(total=len(items), desc=f"bench ({', '.join(methods)})", disable=args.quiet) as bar:
             results = compare_methods(items, methods, progress=lambda: bar.update(1), reset=resets)
@@ -461,6 +477,10 @@ def cmd_bench(args, settings: Settings) -> int:
     }
     if "prompt" in p50:
         report["head_latency_ratio"] = p50["score"] / p50["prompt"]
+    if original:
+        report["original_model"] = original.engine.description
+        report["original_load_seconds"] = round(original_load, 1)
+        report["speedup_vs_original"] = p50["original"] / p50["score"]
     if peer:
         report["peer_model"] = str(peer.model)
         report["speedup_vs_llama_server"] = p50["llama-server"] / p50["score"]
@@ -474,6 +494,10 @@ def cmd_bench(args, settings: Settings) -> int:
         for name, r in results.items():
             print(f"| {name} | {r['accuracy']:.3f} | {r['latency_ms']['p50']:.0f} | {r['latency_ms']['p95']:.0f} |")
         print(f"score is {report['speedup_score_vs_seed']:.1f}x faster than seed (median latency, same run)")
+        if original:
+            print(f"score is {report['speedup_vs_original']:.1f}x faster than the original recipe "
+                  f"(transformers float32, generate(max_new_tokens=10)); its model took "
+                  f"{report['original_load_seconds']:.0f} s to load")
         if peer:
             print(f"score is {report['speedup_vs_llama_server']:.2f}x faster than llama-server on {peer.model.name}")
     return 0
@@ -557,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time llama.cpp's llama-server binary (`make llama-server` builds one) as a peer")
     p.add_argument("--peer-model", metavar="GGUF",
                    help="the peer's model (default: the original Q4_K_M default model, or --model)")
+    p.add_argument("--no-original", action="store_true",
+                   help="skip the original recipe (transformers float32 + generate), the slowest baseline")
+    p.add_argument("--original-model", metavar="PATH",
+                   help="the original recipe's model: a Hugging Face directory or GGUF (default: the "
+                        "original Q4_K_M default model, dequantised to float32)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     command("serve", cmd_serve, "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "
