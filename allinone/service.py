@@ -65,6 +65,32 @@ class Response:
             self._finish()
 
 
+def head_directory(settings: Settings) -> Path:
+    return settings.resolved_home() / "heads"
+
+
+def folded_directory(settings: Settings) -> Path:
+    return head_directory(settings) / "folded"
+
+
+def prepare_packaged_heads(settings: Settings, progress: Callable[[str], None]) -> None:
+    """Fold the packaged heads of the installed default models ahead of time (see roles/head.py),
+    so that the first start is as fast as every later one."""
+    from .engine.llamacpp import gguf_output_weight_chunks
+    from .model.store import DEFAULT_WEIGHTS, default_model_path, is_installed
+    from .roles.head import PACKAGED_HEADS
+
+    home = settings.resolved_home()
+    for spec in DEFAULT_WEIGHTS.values():
+        if not is_installed(home, spec):
+            continue
+        path = default_model_path(home, spec)
+        for file in sorted(PACKAGED_HEADS.glob(f"{spec.sha256}.*.json")):
+            head = SentimentHead.load(file)
+            progress(f"preparing the learned sentiment head {file.name[:12]}….{head.prompt} for {path.name}")
+            head.folded_weights(lambda: gguf_output_weight_chunks(path), folded_directory(settings))
+
+
 @dataclass
 class Assistant:
     engine: Engine
@@ -95,7 +121,7 @@ class Assistant:
         return assistant
 
     def head_directory(self) -> Path:
-        return self.settings.resolved_home() / "heads"
+        return head_directory(self.settings)
 
     def model_sha256(self) -> str | None:
         if self.model_path is None or not self.model_path.is_file():
@@ -106,7 +132,8 @@ class Assistant:
         """Use the learned head for this model and sentiment prompt, if there is one."""
         sha = self.model_sha256()
         head = SentimentHead.find(sha, self.analyst.prompt.name, self.head_directory()) if sha else None
-        self.analyst.use_head(head.logit_scorer(self.engine, self.analyst.candidates) if head else None)
+        self.analyst.use_head(head.logit_scorer(self.engine, self.analyst.candidates,
+                                                cache_dir=folded_directory(self.settings)) if head else None)
         self.head = head
         return head
 

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for inference.")
     context_size: int = Field(4096, ge=256, description="Context window (tokens) shared by all cached prompts.")
     batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")
-    sentiment_prompt: str = Field("original", description="Name of the sentiment prompt (see `allinone roles`).")
+    sentiment_prompt: str = Field("fewshot", description="Name of the sentiment prompt (see `allinone roles`); "
+                                                         "'original' is the first recipe's, verbatim.")
     chat_prompt: str = Field("warm", description="Name of the chat prompt (see `allinone roles`); 'original' is the first recipe.")
     max_text_chars: int = Field(20_000, ge=1, description="Texts longer than this are rejected outright.")
     max_text_tokens: int = Field(1024, ge=16,

@@ -199,7 +199,7 @@ def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
     report = json.loads(out)
     assert report["n"] == 4 and {"score", "seed"} <= set(report["methods"])
     assert report["speedup_score_vs_seed"] > 0 and report["peak_rss_mb"] > 0
-    assert "llama-server peer is skipped" in err
+    assert "server peer is skipped" in err
 
 
 # ---- train-head: the learned head on the real model -------------------------------------------------
@@ -239,7 +239,7 @@ def test_train_head_learns_from_a_small_file_and_changes_predictions(cli_env, tm
     before = [json.loads(line)["label"] for line in out.splitlines()]
     assert before == ["positive", "negative"], err
 
-    code, out, err = run(["train-head", str(data), "--json", "--quiet"], env, timeout=600)
+    code, out, err = run(["train-head", str(data), "--json", "--quiet"], env, timeout=900)
     assert code == 0, err
     report = json.loads(out)
     assert report["examples"] == len(TRAIN_TEXTS) and report["heldout"] >= 2

@@ -110,3 +110,13 @@ def test_a_broken_head_file_is_a_clear_error(tmp_path):
 def test_unusable_training_labels_are_refused(labels, message):
     with pytest.raises(HeadError, match=message):
         check_training_labels(labels)
+
+
+def test_the_folded_vector_is_cached_and_reused(tmp_path, analyst, monkeypatch):
+    texts, labels = texts_and_labels(analyst, n=40)
+    head, _ = train_head(analyst, texts, labels, model_sha256="f00d")
+    first = head.logit_scorer(analyst.engine, analyst.candidates, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    monkeypatch.setattr(analyst.engine, "output_weight_chunks", lambda *a, **k: pytest.fail("not reused"))
+    second = head.logit_scorer(analyst.engine, analyst.candidates, cache_dir=tmp_path)
+    assert np.array_equal(first.weights, second.weights) and first.bias == second.bias

@@ -151,18 +151,7 @@ class LlamaCppEngine(Engine):
         return texts
 
     def output_weight_chunks(self, rows: int = 8192):
-        # Read from the GGUF file itself (memory-mapped): llama.cpp exposes no tensor data.
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-
-        tensors = {t.name: t for t in GGUFReader(self.path).tensors}
-        # Models with tied embeddings carry no separate output matrix.
-        tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
-        if tensor is None:
-            raise EngineError(f"{self.path} has neither output.weight nor token_embd.weight")
-        data = tensor.data
-        for start in range(0, data.shape[0], rows):
-            yield dequantize(np.asarray(data[start:start + rows]), tensor.tensor_type).astype(np.float32, copy=False)
+        return gguf_output_weight_chunks(self.path, rows)
 
     # ---- KV primitives ----------------------------------------------------------------------
     def _kv_truncate(self, lane: int, keep: int) -> None:
@@ -267,3 +256,38 @@ def quantize_gguf(source: Path, target: Path, ftype: str, *, keep_type: str = "Q
         llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
     if code != 0:
         raise EngineError(f"llama.cpp could not quantise {source} (code {code})")
+
+
+def gguf_output_weight_chunks(path: Path, rows: int = 8192):
+    """The output projection of a GGUF file as float32 row blocks, read from the file itself
+    (memory-mapped; llama.cpp exposes no tensor data). Models with tied embeddings carry no
+    separate output matrix: their token embeddings are it."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from ..model.gguf_info import GGUFError, read_tensor_infos
+
+    try:
+        tensors = read_tensor_infos(path)
+    except (GGUFError, OSError) as err:
+        raise EngineError(f"cannot read the tensors of {path}: {err}") from None
+    info = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if info is None:
+        raise EngineError(f"{path} has neither output.weight nor token_embd.weight")
+    qtype = GGMLQuantizationType(info.ggml_type)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_cols, n_rows = info.shape[0], int(np.prod(info.shape[1:]))
+    row_bytes = n_cols // block_size * type_size
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(n_rows, row_bytes))
+    for start in range(0, n_rows, rows):
+        block = np.asarray(data[start:start + rows])
+        if qtype == GGMLQuantizationType.Q8_0:
+            # gguf's generic dequantiser is several times slower; Q8_0 is simple: per 32 weights,
+            # one float16 scale then 32 int8 values.
+            blocks = block.reshape(block.shape[0], -1, type_size)
+            scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)
+            values = blocks[:, :, 2:].view(np.int8).astype(np.float32)
+            yield (values * scales).reshape(block.shape[0], -1)
+        else:
+            yield dequantize(block, qtype).astype(np.float32, copy=False).reshape(block.shape[0], n_cols)
+    del data

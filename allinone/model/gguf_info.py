@@ -1,8 +1,11 @@
-"""Read a GGUF file's metadata header without loading the weights (for `allinone model`)."""
+"""Read a GGUF file's header without loading the weights: metadata (for `allinone model`) and
+where each tensor lies (for reading the output projection, roles/head.py). gguf's own GGUFReader
+does the same but takes ~15 s on a 152k-token vocabulary; this takes a fraction of a second."""
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,20 +50,45 @@ def _read_value(f: BinaryIO, vtype: int):
     raise GGUFError(f"unknown GGUF value type {vtype}")
 
 
+def _read_header(f: BinaryIO, path) -> tuple[dict, int]:
+    if f.read(4) != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file")
+    version = _read(f, "<I")
+    if version < 2:
+        raise GGUFError(f"GGUF version {version} is too old")
+    n_tensors = _read(f, "<Q")
+    n_kv = _read(f, "<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = _read_string(f)
+        meta[key] = _read_value(f, _read(f, "<I"))
+    return meta, n_tensors
+
+
 def read_metadata(path: str | Path) -> dict:
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise GGUFError(f"{path} is not a GGUF file")
-        version = _read(f, "<I")
-        if version < 2:
-            raise GGUFError(f"GGUF version {version} is too old")
-        _read(f, "<Q")  # tensor count
-        n_kv = _read(f, "<Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = _read_string(f)
-            meta[key] = _read_value(f, _read(f, "<I"))
-        return meta
+        return _read_header(f, path)[0]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: the row length first
+    ggml_type: int
+    offset: int  # absolute, in the file
+
+
+def read_tensor_infos(path: str | Path) -> dict[str, TensorInfo]:
+    with open(path, "rb") as f:
+        meta, n_tensors = _read_header(f, path)
+        raw = []
+        for _ in range(n_tensors):
+            name = _read_string(f)
+            shape = tuple(_read(f, "<Q") for _ in range(_read(f, "<I")))
+            raw.append((name, shape, _read(f, "<I"), _read(f, "<Q")))
+        alignment = int(meta.get("general.alignment", 32))
+        data_start = -(-f.tell() // alignment) * alignment
+    return {name: TensorInfo(name, shape, ggml_type, data_start + offset) for name, shape, ggml_type, offset in raw}
 
 
 def summarize(meta: dict) -> dict:

@@ -17,6 +17,7 @@ A head belongs to one model (keyed by the model file's sha256) and one sentiment
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -88,16 +89,41 @@ class SentimentHead:
         return None
 
     # ---- use --------------------------------------------------------------------------------
-    def logit_scorer(self, engine: Engine, candidates: Sequence[int]) -> "LogitScorer":
-        """Fold the head into a vector over the logits (one pass over the output projection)."""
-        chunks = [chunk.astype(np.float64) @ self.direction for chunk in engine.output_weight_chunks()]
-        weights = np.concatenate(chunks)
-        if weights.size != engine.n_vocab:
-            raise HeadError(f"head was trained for a hidden size the model does not have")
+    def fingerprint(self) -> str:
+        payload = np.append(self.direction, [self.margin_weight, self.bias]).astype(np.float64).tobytes()
+        return hashlib.sha256(self.model_sha256.encode() + self.prompt.encode() + payload).hexdigest()[:16]
+
+    def folded_weights(self, weight_chunks: Callable[[], Iterator[np.ndarray]],
+                       cache_dir: Path | None = None) -> np.ndarray:
+        """W G^-1 a: the head as a vector over the logits. Computing it takes one pass over the
+        output projection (~2 s for the default model), so it is kept in `cache_dir`, keyed by
+        the head's contents; `install-model` and `train-head` fill that cache ahead of time."""
+        cached = cache_dir / f"{self.fingerprint()}.npy" if cache_dir else None
+        if cached and cached.is_file():
+            try:
+                return np.load(cached)
+            except (OSError, ValueError):
+                pass  # unreadable: compute it again
+        weights = np.concatenate([chunk.astype(np.float64) @ self.direction for chunk in weight_chunks()])
+        weights = weights.astype(np.float32)
+        if cached:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(".tmp.npy")
+                np.save(tmp, weights)
+                tmp.replace(cached)
+            except OSError:
+                pass  # a read-only home only costs the fold next time
+        return weights
+
+    def logit_scorer(self, engine: Engine, candidates: Sequence[int], cache_dir: Path | None = None) -> "LogitScorer":
+        weights = np.array(self.folded_weights(engine.output_weight_chunks, cache_dir), dtype=np.float32)
+        if weights.shape != (engine.n_vocab,):
+            raise HeadError("the head does not fit this model's vocabulary")
         positive, negative = candidates
         weights[positive] += self.margin_weight
         weights[negative] -= self.margin_weight
-        return LogitScorer(weights.astype(np.float32), self.bias)
+        return LogitScorer(weights, self.bias)
 
 
 @dataclass
@@ -225,14 +251,26 @@ def check_training_labels(labels: Sequence[str]) -> None:
 
 def train_head(analyst, texts: Sequence[str], labels: Sequence[str], *, model_sha256: str,
                holdout: float = 0.2, seed: int = 0, progress: Callable[[int], None] | None = None,
-               source: str = "") -> tuple[SentimentHead, dict]:
-    """Fit a head on texts/labels. A stratified `holdout` share is kept aside first to report
-    honest accuracy (head vs prompt-only); the saved head is then refitted on everything."""
+               source: str = "", fold_cache: Path | None = None) -> tuple[SentimentHead, dict]:
+    """Fit a head on texts/labels (reads the hidden states, then `fit_head`)."""
     check_training_labels(labels)
     started = time.perf_counter()
-    y = np.array([1.0 if x == "positive" else 0.0 for x in labels])
     states = HiddenStates(analyst.engine)
     hidden, margins = collect_features(analyst, texts, states, progress)
+    y = np.array([1.0 if x == "positive" else 0.0 for x in labels])
+    head, report = fit_head(hidden, margins, y, states.gram_inverse, model_sha256=model_sha256,
+                            prompt=analyst.prompt.name, holdout=holdout, seed=seed, source=source)
+    report["seconds"] = head.info["seconds"] = round(time.perf_counter() - started, 1)
+    if fold_cache:  # W is in memory now: fold here, so the next start need not
+        head.folded_weights(lambda: iter([states.weight]), fold_cache)
+    return head, report
+
+
+def fit_head(hidden: np.ndarray, margins: np.ndarray, y: np.ndarray, gram_inverse: np.ndarray, *,
+             model_sha256: str, prompt: str, holdout: float = 0.2, seed: int = 0,
+             source: str = "") -> tuple[SentimentHead, dict]:
+    """A stratified `holdout` share is kept aside first to report honest accuracy (head vs the
+    prompt alone); the head returned is then refitted on everything."""
     rng = np.random.default_rng(seed)
     held = np.zeros(len(y), dtype=bool)
     for value in (0.0, 1.0):
@@ -247,10 +285,7 @@ def train_head(analyst, texts: Sequence[str], labels: Sequence[str], *, model_sh
     }
     final = train_parameters(hidden, margins, y, seed=seed)
     report["l2"] = final.l2
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    info = {**report, "source": source,
-            "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    head = SentimentHead(model_sha256=model_sha256, prompt=analyst.prompt.name,
-                         direction=states.gram_inverse @ final.direction_hidden,
+    info = {**report, "source": source, "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    head = SentimentHead(model_sha256=model_sha256, prompt=prompt, direction=gram_inverse @ final.direction_hidden,
                          margin_weight=final.margin_weight, bias=final.bias, info=info)
     return head, report

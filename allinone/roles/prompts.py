@@ -48,6 +48,19 @@ class ChatPrompt:
     examples: tuple[tuple[str, str, str], ...] = ()
 
 
+# From ../shared/data/sentiment-train.jsonl (never the dev set), chosen to show the convention on
+# mixed reviews: the overall verdict decides.
+_FEWSHOT_EXAMPLES = [
+    ("菜品足,非常好", "Positive"),
+    ("@USAirways where's our luggage? Been waiting more than an hour! Flight 2118.", "Negative"),
+    ("酒店不错，只是电视机小了一点，下次还会入住。", "Positive"),
+    ("it has all the excitement of eating oatmeal .", "Negative"),
+    ("味道还好，就是送餐太慢了", "Negative"),
+    ("I highly recommend this case.", "Positive"),
+    ("我下单后就降价还送东西，这个我接受不了，还不给申请价格保护，让人难以接受", "Negative"),
+    ("@JetBlue thank you guys! You are the best!", "Positive"),
+]
+
 SENTIMENT_PROMPTS: dict[str, SentimentPrompt] = {
     p.name: p
     for p in [
@@ -60,6 +73,17 @@ SENTIMENT_PROMPTS: dict[str, SentimentPrompt] = {
                      '用户输入:{text} 分析结果:',
             # After "分析结果:" the model continues with a space: " Positive" / " Negative" are
             # single tokens in Qwen's vocabulary; the space-less ones score wrongly here.
+            label_words={"positive": " Positive", "negative": " Negative"},
+        ),
+        SentimentPrompt(
+            name="fewshot",
+            description="The original instructions and format, with eight short labelled examples from "
+                        "the training split (both languages, mixed reviews included) in the cached prefix.",
+            format="plain",
+            template='你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 '
+                     '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。\n'
+                     + "".join(f"用户输入:{text} 分析结果: {label}\n" for text, label in _FEWSHOT_EXAMPLES)
+                     + '用户输入:{text} 分析结果:',
             label_words={"positive": " Positive", "negative": " Negative"},
         ),
         SentimentPrompt(
