@@ -12,6 +12,9 @@ from .fake_engine import WORDS, FakeEngine
 
 
 def make_assistant(n_ctx=2048, **overrides):
+    # The byte-level fake tokenizer makes the few-shot prompt ~900 tokens: the short original
+    # prompt keeps these small-context tests about the chat history.
+    overrides.setdefault("sentiment_prompt", "original")
     settings = Settings(home="/nonexistent", **overrides)
     return Assistant(engine=FakeEngine(reply="谢谢你的分享!", n_ctx=n_ctx), settings=settings)
 
