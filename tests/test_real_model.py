@@ -15,10 +15,14 @@ CLEAR_CASES = [
 ]
 
 
-def test_default_model_is_the_verified_qwen(default_model_path):
-    from allinone.model.store import DEFAULT_MODEL
+def test_default_model_is_the_verified_qwen_in_its_derived_form(default_model_path, assistant):
+    from allinone.model.store import FAST_MODEL
 
-    assert default_model_path.stat().st_size == DEFAULT_MODEL.size
+    assert default_model_path.name == FAST_MODEL.filename
+    assert default_model_path.stat().st_size == FAST_MODEL.size
+    assert assistant.model_sha256() == FAST_MODEL.sha256
+    # ... and the packaged learned head for it is in use
+    assert assistant.head is not None and assistant.head.prompt == assistant.settings.sentiment_prompt
 
 
 @pytest.mark.parametrize("text,expected", CLEAR_CASES)

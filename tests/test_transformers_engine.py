@@ -129,7 +129,7 @@ def test_cli_on_a_hugging_face_directory(tiny_model_dir, tmp_path, capsys):
                             for t, l in [("好极了", "positive"), ("太差了", "negative")]), encoding="utf-8")
     for method in ("score", "seed"):
         assert main(["eval", str(data), "--model", str(tiny_model_dir), "--json", "--quiet",
-                     "--method", method, "--context-size", "512"]) == 0
+                     "--method", method, "--context-size", "1024"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["engine"].startswith("transformers") and report["n"] == 2
 
@@ -163,9 +163,10 @@ def test_real_model_through_transformers_agrees_with_llamacpp(hf_assistant, assi
     assert hf_assistant.analyst.candidates == assistant.analyst.candidates  # same vocabulary
     for text, expected in AGREEMENT_TEXTS:
         assert engine.tokenize(text) == assistant.engine.tokenize(text)
-        ours, theirs = hf_assistant.analyze(text), assistant.analyze(text)
+        # prompt-only on both sides: the learned head belongs to the llama.cpp side's model file
+        ours, theirs = hf_assistant.analyze(text), assistant.analyze(text, method="prompt")
         assert ours.label == theirs.label == expected, text
-        # Q4_K_M dequantised to float32 vs llama.cpp's quantised kernels: close, not equal
+        # the GGUF dequantised to float32 vs llama.cpp's quantised kernels: close, not equal
         assert abs(ours.probability - theirs.probability) < 0.1, text
     # the prefix cache is exact on the real model too
     cached = hf_assistant.analyst.label_logprobs(AGREEMENT_TEXTS[0][0])[0]
