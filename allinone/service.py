@@ -139,7 +139,8 @@ class Assistant:
 
     def default_sampling(self) -> Sampling:
         s = self.settings
-        return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p)
+        return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p,
+                        repeat_penalty=s.repeat_penalty)
 
     def analyze(self, text: str, *, method: str = "score") -> Sentiment:
         if method == "score":
