@@ -4,6 +4,7 @@
 #              source the first time, ~10 minutes; pip caches the wheel afterwards).
 # make test  : setup, then the whole test suite (loads the real default model once).
 # make serve : setup, then the HTTP API and web page on http://127.0.0.1:8000/ (allinone serve).
+# make bench : setup, then `allinone bench --quick` (with the llama-server peer if it was built).
 # make llama-server : builds llama.cpp's own server (the benchmark's peer, `allinone bench
 #              --llama-server build/llama-server`) from the very llama.cpp sources that
 #              llama-cpp-python vendors; ~10 minutes on 2 cores, nothing of it is committed.
@@ -15,7 +16,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup model browser test serve clean-venv llama-server
+.PHONY: setup model browser test serve bench clean-venv llama-server
 
 setup: $(STAMP) model browser
 
@@ -37,6 +38,10 @@ browser:
 
 serve: setup
 	$(BIN)/allinone serve
+
+# The same-run comparison on 60 dev texts (adds llama.cpp's server when `make llama-server` built it).
+bench: setup
+	$(BIN)/allinone bench --quick $(if $(wildcard build/llama-server),--llama-server build/llama-server)
 
 test: setup
 	$(BIN)/python -m pytest
