@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
+from ..roles.language import LATIN_WORD
 from ..roles.language import detect_language as reply_language
-
-_LATIN_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")  # for counting English words
 
 REFUSALS = [
     "抱歉，我无法", "抱歉,我无法", "我无法协助", "我不能协助", "无法完成这个请求", "作为一个ai", "作为一个人工智能",
@@ -33,7 +32,7 @@ LENGTH = {"zh": (10, 200), "en": (8, 120)}  # zh: characters; en: words
 def reply_length(text: str, lang: str) -> int:
     if lang == "zh":
         return len(re.sub(r"\s", "", text))
-    return len(_LATIN_WORD.findall(text))
+    return len(LATIN_WORD.findall(text))
 
 
 def check_reply(message: str, reply: str, lang: str, sentiment: str) -> list[str]:
