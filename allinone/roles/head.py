@@ -123,16 +123,16 @@ class SentimentHead:
         positive, negative = candidates
         weights[positive] += self.margin_weight
         weights[negative] -= self.margin_weight
-        return LogitScorer(weights, self.bias)
+        return LogitScorer(weights.astype(np.float64), self.bias)
 
 
 @dataclass
 class LogitScorer:
-    weights: np.ndarray  # vocabulary-sized
+    weights: np.ndarray  # vocabulary-sized, float64 once here rather than per request
     bias: float
 
     def positive_probability(self, logits: np.ndarray) -> float:
-        score = float(np.dot(self.weights.astype(np.float64), logits.astype(np.float64))) + self.bias
+        score = float(np.dot(self.weights, logits.astype(np.float64))) + self.bias
         return _sigmoid(score)
 
 
