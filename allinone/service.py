@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .conversation.history import Conversation, Turn
-from .engine import open_engine, pick_engine
+from .engine import open_engine
 from .engine.base import Engine, Sampling
 from .engine.text import TextStream
 from .model.store import model_sha256, resolve_model_path
@@ -113,7 +113,7 @@ class Assistant:
         start = time.perf_counter()
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
                              batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
-                             **({"repack": settings.repack} if pick_engine(path, settings.engine) == "llamacpp" else {}))
+                             repack=settings.repack)
         assistant = cls(engine=engine, settings=settings, model_path=path)
         if settings.sentiment_head:
             assistant.attach_head()

@@ -29,14 +29,15 @@ def pick_engine(model_path: Path, requested: str = "auto") -> str:
     raise EngineError(f"cannot tell which engine runs {model_path}; pass --engine")
 
 
-def open_engine(model_path: Path, requested: str = "auto", *, dtype: str = "float32", **options) -> Engine:
+def open_engine(model_path: Path, requested: str = "auto", *, dtype: str = "float32", repack: bool = True,
+                **options) -> Engine:
     """Load the model with the chosen engine. `dtype` applies to the transformers engine only
-    (llama.cpp computes in the GGUF's own quantised types)."""
+    (llama.cpp computes in the GGUF's own quantised types), `repack` to llama.cpp only."""
     kind = pick_engine(model_path, requested)
     if kind == "llamacpp":
         from .llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(model_path, **options)
+        return LlamaCppEngine(model_path, repack=repack, **options)
     if kind == "transformers":
         try:
             from .transformers import TransformersEngine

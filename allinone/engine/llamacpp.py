@@ -49,7 +49,7 @@ def _init_backend(verbose: bool) -> None:
 class LlamaCppEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, *, context_size: int = 4096, batch_size: int = 512,
                  threads: int | None = None, n_lanes: int = 4, verbose: bool = False,
-                 repack: bool = True, flash_attention: bool = False):
+                 repack: bool = True):
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
 
@@ -85,8 +85,7 @@ class LlamaCppEngine(Engine):
         # Flash attention off: on this CPU backend its result depends on where a lane's tokens sit
         # in the KV cells (up to 0.05 in log-probability after the cache has been reused), so
         # cached scores would drift from a full recompute. The plain attention path is exact.
-        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention
-                                     else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.embeddings = False
