@@ -418,7 +418,9 @@ BENCH_LANE = 3  # a lane the service leaves free (see service.py), for the bench
 def cmd_bench(args, settings: Settings) -> int:
     from ..evaluation.bench import compare_methods, rss_mb
     from ..evaluation.data import DataError, load_labelled
-    from ..roles.prompts import SENTIMENT_PROMPTS
+    from ..model.store import ModelError, resolve_model_path
+    from ..roles.prompts import SENTIMENT_PROMPTS, sentiment_prompt
+    from ..roles.sentiment import SentimentAnalyst
 
     texts = Path(args.texts) if args.texts else DEFAULT_TEXTS
     try:
@@ -439,37 +441,23 @@ def cmd_bench(args, settings: Settings) -> int:
     resets = {name: analyst.warm_prefix for name in methods}
     if settings.sentiment_prompt != "original":
         # Plain one-pass scoring with the original prompt: what the default must not be slower than.
-        from ..roles.sentiment import SentimentAnalyst
-        from ..roles.prompts import sentiment_prompt
-
         plain = SentimentAnalyst(assistant.engine, sentiment_prompt("original"), lane=BENCH_LANE,
                                  max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
         methods["original-prompt"], resets["original-prompt"] = plain.analyze, plain.warm_prefix
     methods["seed"], resets["seed"] = (lambda text: assistant.analyze(text, method="seed")), analyst.warm_prefix
-    peer = None
-    if args.llama_server:
-        from ..evaluation.peer import LlamaServerPeer
-        from ..model.store import ModelError, resolve_model_path
 
-        try:
-            peer_model = Path(args.peer_model) if args.peer_model else resolve_model_path(
-                settings.model, settings.resolved_home(), "q4_k_m")
-            peer = LlamaServerPeer(Path(args.llama_server), peer_model,
-                                   SENTIMENT_PROMPTS["original"].template, threads=settings.threads)
-        except (OSError, RuntimeError, ModelError) as err:
-            raise CliError(f"cannot start the llama-server peer: {err}", EXIT_FAILURE) from None
-        methods["llama-server"] = peer.analyze
-        resets["llama-server"] = peer.warm_prefix
-    else:
-        warn("no --llama-server given: the llama.cpp server peer is skipped (build one with `make llama-server`)")
+    def baseline_model(chosen: str | None) -> Path:
+        # The baselines run what a user would otherwise have run: the original Q4_K_M file.
+        return Path(chosen) if chosen else resolve_model_path(settings.model, settings.resolved_home(), "q4_k_m")
+
+    # The slow original recipe loads before the peer server starts, so that a failure here
+    # cannot leave a server process behind.
     original = None
     if not args.no_original:
         from ..evaluation.original import OriginalRecipe
-        from ..model.store import ModelError, resolve_model_path
 
         try:
-            recipe_model = Path(args.original_model) if args.original_model else resolve_model_path(
-                settings.model, settings.resolved_home(), "q4_k_m")
+            recipe_model = baseline_model(args.original_model)
             started = time.perf_counter()
             print(f"loading the original recipe's transformers float32 model from {recipe_model.name} "
                   "(dequantising a GGUF takes a few minutes) ...", file=sys.stderr)
@@ -478,6 +466,19 @@ def cmd_bench(args, settings: Settings) -> int:
         except (OSError, ModelError, ImportError) as err:
             raise CliError(f"cannot load the original recipe's model: {err}", EXIT_FAILURE) from None
         methods["original"] = original.analyze
+    peer = None
+    if args.llama_server:
+        from ..evaluation.peer import LlamaServerPeer
+
+        try:
+            peer = LlamaServerPeer(Path(args.llama_server), baseline_model(args.peer_model),
+                                   SENTIMENT_PROMPTS["original"].template, threads=settings.threads)
+        except (OSError, RuntimeError, ModelError) as err:
+            raise CliError(f"cannot start the llama-server peer: {err}", EXIT_FAILURE) from None
+        methods["llama-server"] = peer.analyze
+        resets["llama-server"] = peer.warm_prefix
+    else:
+        warn("no --llama-server given: the llama.cpp server peer is skipped (build one with `make llama-server`)")
     try:
         with progress_bar(total=len(items), desc=f"bench ({', '.join(methods)})", disable=args.quiet) as bar:
             results = compare_methods(items, methods, progress=lambda: bar.update(1), reset=resets)
