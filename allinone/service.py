@@ -20,7 +20,7 @@ from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_t
 from .settings import Settings
 
 # Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix.
-SENTIMENT_LANE = 0
+SENTIMENT_LANE = 0  # the llama.cpp engine's one lane that can read hidden states (tapped_lanes=1)
 CHAT_LANE = 1
 COMPLETION_LANE = 2  # raw chat completions (OpenAI-style messages)
 
@@ -69,28 +69,6 @@ def head_directory(settings: Settings) -> Path:
     return settings.resolved_home() / "heads"
 
 
-def folded_directory(settings: Settings) -> Path:
-    return head_directory(settings) / "folded"
-
-
-def prepare_packaged_heads(settings: Settings, progress: Callable[[str], None]) -> None:
-    """Fold the packaged heads of the installed default models ahead of time (see roles/head.py),
-    so that the first start is as fast as every later one."""
-    from .engine.llamacpp import gguf_output_weight_chunks
-    from .model.store import DEFAULT_WEIGHTS, default_model_path, is_installed
-    from .roles.head import PACKAGED_HEADS
-
-    home = settings.resolved_home()
-    for spec in DEFAULT_WEIGHTS.values():
-        if not is_installed(home, spec):
-            continue
-        path = default_model_path(home, spec)
-        for file in sorted(PACKAGED_HEADS.glob(f"{spec.sha256}.*.json")):
-            head = SentimentHead.load(file)
-            progress(f"preparing the learned sentiment head {file.name[:12]}….{head.prompt} for {path.name}")
-            head.folded_weights(lambda: gguf_output_weight_chunks(path), folded_directory(settings))
-
-
 @dataclass
 class Assistant:
     engine: Engine
@@ -132,8 +110,9 @@ class Assistant:
         """Use the learned head for this model and sentiment prompt, if there is one."""
         sha = self.model_sha256()
         head = SentimentHead.find(sha, self.analyst.prompt.name, self.head_directory()) if sha else None
-        self.analyst.use_head(head.logit_scorer(self.engine, self.analyst.candidates,
-                                                cache_dir=folded_directory(self.settings)) if head else None)
+        if head is not None:
+            head.check_fits(self.engine.n_layers, self.engine.hidden_size)
+        self.analyst.use_head(head)
         self.head = head
         return head
 

@@ -37,14 +37,16 @@ class Settings(BaseSettings):
         "float32", description="Weights and compute type of the transformers engine (a GGUF is dequantised "
                                "to it); llama.cpp ignores it.")
     threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for inference.")
-    context_size: int = Field(4096, ge=256, description="Context window (tokens) shared by all cached prompts.")
+    context_size: int = Field(4096, ge=256, description="Context window (tokens) shared by the cached chat prompts; "
+                                                        "the sentiment lane (llama.cpp) holds at most 2048.")
     batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")
     sentiment_prompt: str = Field("fewshot", description="Name of the sentiment prompt (see `allinone roles`); "
                                                          "'original' is the first recipe's, verbatim.")
     chat_prompt: str = Field("warm", description="Name of the chat prompt (see `allinone roles`); 'original' is the first recipe.")
     max_text_chars: int = Field(20_000, ge=1, description="Texts longer than this are rejected outright.")
     max_text_tokens: int = Field(1024, ge=16,
-                                 description="Sentiment texts longer than this many tokens keep their head and "
+                                 description="Sentiment texts longer than this many tokens (or than the "
+                                             "sentiment lane's context leaves room for) keep their head and "
                                              "tail (with a warning); the middle is dropped.")
     reply_max_tokens: int = Field(256, ge=1, description="Longest chat reply, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Chat sampling temperature; 0 = greedy.")

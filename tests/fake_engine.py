@@ -1,7 +1,8 @@
 """A tiny deterministic engine for fast tests: byte-level vocabulary, a fake 'model' whose logits
 depend on every token in the lane's KV memory, so any mistake in prefix-cache bookkeeping
-shows up as different scores. It scripts a reply so generation and stop handling can be
-checked exactly."""
+shows up as different scores. Each KV entry remembers how many blocks computed it, so a full pass
+that reads entries an early-stopping hidden_state() pass left shallow fails loudly. It scripts a
+reply so generation and stop handling can be checked exactly."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ WORDS = {" Positive": 259, " Negative": 260, "Positive": 261, "Negative": 262}
 VOCAB = 263
 ASSISTANT_MARK = list(b"assistant\n")
 HIDDEN = 16
+LAYERS = 4
 OUTPUT_WEIGHT = np.random.default_rng(1234).normal(size=(VOCAB, HIDDEN)) / np.sqrt(HIDDEN)
 
 
@@ -28,7 +30,10 @@ class FakeEngine(Engine):
         self.n_vocab = VOCAB
         self.description = "fake"
         self.reply = list(reply.encode("utf-8"))
-        self.kv: list[dict[int, int]] = [dict() for _ in range(n_lanes)]  # lane -> {position: token}
+        self.n_layers = LAYERS
+        self.hidden_size = HIDDEN
+        # lane -> {position: (token, blocks that computed its KV entry)}
+        self.kv: list[dict[int, tuple[int, int]]] = [dict() for _ in range(n_lanes)]
         self.decoded_tokens = 0  # total tokens evaluated: what the cache saves
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
@@ -65,26 +70,31 @@ class FakeEngine(Engine):
     def _kv_share(self, src: int, dst: int, n: int) -> None:
         self.kv[dst].update({p: t for p, t in self.kv[src].items() if p < n})
 
-    def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
+    def _run(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> list[int]:
         for i, token in enumerate(tokens):
-            self.kv[lane][start + i] = token
+            self.kv[lane][start + i] = (token, layers)
         self.decoded_tokens += len(tokens)
         end = start + len(tokens)
-        history = [self.kv[lane][p] for p in range(end)]  # KeyError = a hole in the cache: a bug
-        return self._logits(history)
+        entries = [self.kv[lane][p] for p in range(end)]  # KeyError = a hole in the cache: a bug
+        too_shallow = [p for p, (_, depth) in enumerate(entries) if depth < layers]
+        assert not too_shallow, f"a {layers}-block pass read KV entries computed by fewer blocks at {too_shallow}"
+        return [token for token, _ in entries]
 
-    def hidden_state(self, history: Sequence[int]) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(np.array(history, dtype=np.int32).tobytes()).digest()[:8], "little")
-        return np.random.default_rng(seed).normal(size=HIDDEN)
+    def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
+        return self._logits(self._run(lane, tokens, start, LAYERS))
 
-    def output_weight_chunks(self, rows: int = 100):
-        for start in range(0, VOCAB, rows):
-            yield OUTPUT_WEIGHT[start:start + rows].astype(np.float32)
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
+        return self.model_hidden_state(self._run(lane, tokens, start, layers), layers)
+
+    def model_hidden_state(self, history: Sequence[int], layers: int = LAYERS) -> np.ndarray:
+        """What the fake model's residual stream holds after `layers` blocks at the last position."""
+        digest = hashlib.sha256(np.array([*history, -layers], dtype=np.int32).tobytes()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little")).normal(size=HIDDEN)
 
     def _logits(self, history: list[int]) -> np.ndarray:
         # Like a real model: a hidden state projected by a fixed output matrix (which a learned
         # head relies on), then the script's nudge.
-        logits = (OUTPUT_WEIGHT @ self.hidden_state(history)).astype(np.float32)
+        logits = (OUTPUT_WEIGHT @ self.model_hidden_state(history)).astype(np.float32)
         # Scripted continuation: after "<|im_start|>assistant\n", spell the reply, then end the turn.
         mark = [SPECIALS["<|im_start|>"], *ASSISTANT_MARK]
         for start in range(len(history) - len(mark), -1, -1):

@@ -16,7 +16,8 @@ from allinone.roles.sentiment import SentimentAnalyst
 from allinone.roles.template import ChatTemplate
 
 ENGINES = ["transformers-tiny", "llamacpp-default"]
-# Lanes 0-2 are the service's (sentiment, chat, completion); the tests use all four.
+# Lanes 0-2 are the service's (sentiment, chat, completion); the tests use all four. On llama.cpp,
+# lane 0 lives in a context of its own (the one that can read hidden states).
 
 
 @pytest.fixture(params=ENGINES)
@@ -98,16 +99,17 @@ def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
 
 
 def test_borrowed_prefix_from_another_lane_scores_the_same(engine):
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    # Lanes 1-3: llama.cpp keeps lane 0 (hidden states) in a context of its own.
+    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=1)
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     other, _ = analyst.prompt_tokens("The room was dirty and loud.")
-    engine.score(tokens, analyst.candidates, lane=0)
+    engine.score(tokens, analyst.candidates, lane=1)
     borrowed = engine.score(tokens, analyst.candidates, lane=2)
     assert engine.last_stats.reused >= len(tokens) - 8  # llama.cpp re-evaluates 8 (see llamacpp.py)
     partly = engine.score(other, analyst.candidates, lane=3)
     assert engine.last_stats.reused >= len(analyst._before) - 8
-    assert engine.lane_tokens(0) == tokens  # the donor keeps its content
-    again = engine.score(tokens, analyst.candidates, lane=0)
+    assert engine.lane_tokens(1) == tokens  # the donor keeps its content
+    again = engine.score(tokens, analyst.candidates, lane=1)
     engine.forget()
     np.testing.assert_allclose(borrowed, engine.score(tokens, analyst.candidates, lane=2), atol=1e-3)
     np.testing.assert_allclose(again, borrowed, atol=1e-3)

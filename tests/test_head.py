@@ -1,6 +1,6 @@
-"""The learned sentiment head on the fake engine (whose logits are a fixed matrix times a hidden
-state, like a real model's): recovery of hidden states, folding into logit space, training,
-files, and the errors users see."""
+"""The learned sentiment head on the fake engine (which has a residual stream per depth, and whose
+logits say nothing about the rule the tests label by): training, the early-stopping pass it
+reads from, files, and the errors users see."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from allinone.roles.head import (HeadError, HiddenStates, SentimentHead, check_training_labels, fit_logistic,
-                                 train_head)
+from allinone.roles.head import (HeadError, SentimentHead, check_training_labels, default_layers, fit_logistic,
+                                 normalise, train_head)
 from allinone.roles.prompts import sentiment_prompt
 from allinone.roles.sentiment import SentimentAnalyst
 from tests.fake_engine import FakeEngine
@@ -22,41 +22,57 @@ def analyst():
     return SentimentAnalyst(FakeEngine(n_ctx=4096), sentiment_prompt("original"))
 
 
-def texts_and_labels(analyst, n=120, seed=0):
+def texts_and_labels(analyst, n=120, seed=0, layers=2):
     """Random texts labelled by a rule the prompt knows nothing about: the sign of one direction of
-    the fake model's hidden state at the scoring position."""
+    the fake model's residual stream after `layers` blocks at the scoring position."""
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=16)
     texts, labels = [], []
     for i in range(n):
         text = "".join(rng.choice(list("abcdefghij klmnop")) for _ in range(12)) + str(i)
         tokens, _ = analyst.prompt_tokens(text)
-        hidden = analyst.engine.hidden_state(tokens)
+        hidden = normalise(analyst.engine.model_hidden_state(tokens, layers))
         texts.append(text)
         labels.append("positive" if hidden @ direction > 0 else "negative")
     return texts, labels
 
 
-def test_hidden_states_are_recovered_from_logits(analyst):
+def test_hidden_state_is_the_residual_stream_at_that_depth_and_stops_there(analyst):
     engine = analyst.engine
     tokens, _ = analyst.prompt_tokens("some text")
-    recovered = HiddenStates(engine).from_logits(engine.logits(tokens))[0]
-    assert np.allclose(recovered, engine.hidden_state(tokens), atol=1e-4)
+    before = engine.decoded_tokens
+    hidden = engine.hidden_state(tokens, 2)
+    assert np.allclose(hidden, engine.model_hidden_state(tokens, 2), atol=1e-6)
+    assert engine.decoded_tokens - before == len(tokens)
+    # The lane's entries are shallow now: a full pass must not reuse them (the fake engine
+    # asserts if it reads an entry computed by fewer blocks), but a pass as shallow may.
+    logits = engine.logits(tokens)
+    assert np.allclose(logits, engine.full_recompute_logits(tokens))
+    assert engine.last_stats.reused == 0
+    engine.hidden_state(tokens[:-3] + [ord("x")] * 3, 2)  # complete up to len - 3, shallow after
+    engine.hidden_state(tokens, 1)
+    assert engine.last_stats.reused == len(tokens) - 3
+    engine.hidden_state(tokens + [ord("y")], 2)  # deeper than the last pass: stops at its start
+    assert engine.last_stats.reused == len(tokens) - 3
+    engine.logits(tokens + [ord("y")])
+    assert engine.last_stats.reused == len(tokens) - 3
 
 
-def test_folded_head_equals_the_head_on_hidden_states(analyst):
+def test_shallow_entries_are_not_borrowed_by_a_deeper_pass_on_another_lane(analyst):
     engine = analyst.engine
-    states = HiddenStates(engine)
-    a = np.random.default_rng(5).normal(size=16)
-    head = SentimentHead(model_sha256="x", prompt="original", direction=states.gram_inverse @ a,
-                         margin_weight=0.7, bias=-0.3)
-    scorer = head.logit_scorer(engine, analyst.candidates)
-    for text in ("one", "two words", "三个字"):
-        tokens, _ = analyst.prompt_tokens(text)
-        logits = engine.logits(tokens)
-        margin = logits[analyst.candidates[0]] - logits[analyst.candidates[1]]
-        expected = a @ engine.hidden_state(tokens) + 0.7 * margin - 0.3
-        assert scorer.positive_probability(logits) == pytest.approx(1 / (1 + math.exp(-expected)), abs=1e-4)
+    tokens, _ = analyst.prompt_tokens("borrowed")
+    engine.logits(tokens[:10], lane=1)  # complete entries for the first 10 tokens
+    engine.hidden_state(tokens, 2, lane=0)
+    engine.logits(tokens, lane=2)
+    assert engine.last_stats.reused == 10  # from lane 1, not lane 0's longer shallow prefix
+    engine.hidden_state(tokens, 2, lane=2)
+    assert engine.last_stats.reused == len(tokens) - 1
+    with pytest.raises(Exception, match="layers must be in 1..3"):
+        engine.hidden_state(tokens, 4)
+
+
+def test_default_depth_is_five_eighths_of_the_model():
+    assert default_layers(24) == 15 and default_layers(4) == 2 and default_layers(1) == 1
 
 
 def test_fit_logistic_separates_separable_data():
@@ -69,15 +85,22 @@ def test_fit_logistic_separates_separable_data():
 
 def test_training_learns_what_the_prompt_does_not_know(analyst):
     texts, labels = texts_and_labels(analyst, n=200)
-    head, report = train_head(analyst, texts, labels, model_sha256="abc")
+    head, report = train_head(analyst, texts, labels, model_sha256="abc", layers=2)
+    assert report["layers"] == head.layers == 2
     assert report["heldout_accuracy_head"] >= 0.85
     assert report["heldout_accuracy_prompt"] < 0.75  # the prompt's margin is unrelated to the rule
-    analyst.use_head(head.logit_scorer(analyst.engine, analyst.candidates))
+    analyst.use_head(head)
     fresh_texts, fresh_labels = texts_and_labels(analyst, n=60, seed=1)
     with_head = [analyst.analyze(t).label for t in fresh_texts]
     without = [analyst.analyze(t, use_head=False).label for t in fresh_texts]
     assert np.mean([p == g for p, g in zip(with_head, fresh_labels)]) >= 0.85
     assert with_head != without
+
+
+def test_a_head_at_the_wrong_depth_learns_nothing(analyst):
+    texts, labels = texts_and_labels(analyst, n=200, layers=2)
+    _, report = train_head(analyst, texts, labels, model_sha256="abc", layers=1)
+    assert report["heldout_accuracy_head"] < 0.75
 
 
 def test_head_file_round_trip_and_lookup(tmp_path, analyst):
@@ -86,7 +109,7 @@ def test_head_file_round_trip_and_lookup(tmp_path, analyst):
     path = head.save(tmp_path)
     assert path.name == "f00d.original.json"
     again = SentimentHead.find("f00d", "original", tmp_path)
-    assert np.allclose(again.direction, head.direction) and again.bias == head.bias
+    assert np.allclose(again.weights, head.weights) and again.bias == head.bias and again.layers == head.layers
     assert again.info["source"] == "mine.jsonl"
     assert SentimentHead.find("f00d", "original-chat", tmp_path) is None
     assert SentimentHead.find("beef", "original", tmp_path) is None
@@ -97,9 +120,12 @@ def test_a_broken_head_file_is_a_clear_error(tmp_path):
     path.write_text("{not json")
     with pytest.raises(HeadError, match="not a sentiment head"):
         SentimentHead.find("f00d", "original", tmp_path)
-    path.write_text(json.dumps({"format": 99}))
-    with pytest.raises(HeadError, match="unknown head format"):
+    path.write_text(json.dumps({"format": 1}))
+    with pytest.raises(HeadError, match="train it again"):
         SentimentHead.load(path)
+    head = SentimentHead(model_sha256="f00d", prompt="original", layers=30, weights=np.zeros(16), bias=0.0)
+    with pytest.raises(HeadError, match="does not fit"):
+        head.check_fits(n_layers=24, n_embd=16)
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -110,13 +136,3 @@ def test_a_broken_head_file_is_a_clear_error(tmp_path):
 def test_unusable_training_labels_are_refused(labels, message):
     with pytest.raises(HeadError, match=message):
         check_training_labels(labels)
-
-
-def test_the_folded_vector_is_cached_and_reused(tmp_path, analyst, monkeypatch):
-    texts, labels = texts_and_labels(analyst, n=40)
-    head, _ = train_head(analyst, texts, labels, model_sha256="f00d")
-    first = head.logit_scorer(analyst.engine, analyst.candidates, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.npy"))) == 1
-    monkeypatch.setattr(analyst.engine, "output_weight_chunks", lambda *a, **k: pytest.fail("not reused"))
-    second = head.logit_scorer(analyst.engine, analyst.candidates, cache_dir=tmp_path)
-    assert np.array_equal(first.weights, second.weights) and first.bias == second.bias

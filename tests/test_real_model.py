@@ -42,6 +42,7 @@ def test_label_tokens_are_single_space_prefixed_tokens(assistant):
 def test_cached_scores_equal_full_recompute(assistant):
     engine, analyst = assistant.engine, assistant.analyst
     texts = ["这家酒店的服务很周到。", "这家酒店的服务太差了。", "Not bad at all."]
+    analyst.warm_prefix()  # a full pass: entries a head's pass left only part-way up are not reused
     cached = []
     for text in texts:
         cached.append(analyst.label_logprobs(text)[0])
@@ -66,6 +67,40 @@ def test_scores_after_cache_reuse_equal_fresh_scores(assistant):
         np.testing.assert_allclose(analyst.label_logprobs(text)[0], with_cache, atol=1e-3, err_msg=text)
 
 
+def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant):
+    """The head's pass stops after the head's block (engine/llamacpp.py, _LayerTap): its cached
+    entries must give what a recompute gives, and a full pass afterwards must not be fooled by
+    entries that were only computed part-way up."""
+    engine, analyst = assistant.engine, assistant.analyst
+    assert analyst.head is not None and analyst.head.layers < engine.n_layers
+    texts = ["这家店的外卖送得很快,味道也不错。", "太难吃了,再也不点了", "The plot was thin but the acting was great.",
+             "@united thanks for nothing, 3 hours on hold", "物流很快,包装完好,手机用着流畅。", "meh."]
+    served = []
+    for text in texts:
+        served.append(analyst.positive_probability(text).value)
+        assert engine.last_stats.reused >= len(analyst._before) - 8
+    full_after_shallow = analyst.label_logprobs(texts[-1])[0]
+    for text, with_cache in zip(texts, served):
+        engine.forget()
+        assert abs(analyst.positive_probability(text).value - with_cache) < 1e-3, text
+    engine.forget()
+    np.testing.assert_allclose(analyst.label_logprobs(texts[-1])[0], full_after_shallow, atol=1e-3)
+
+
+def test_only_the_sentiment_lane_reads_hidden_states(assistant):
+    """Lane 0 lives in the llama.cpp context that carries the layer tap (smaller, see
+    llamacpp.py); the chat lanes do not, so they never pay the callback's per-node cost."""
+    from allinone.engine.base import EngineError
+
+    engine = assistant.engine
+    tokens = engine.tokenize("Not bad at all.") * 3
+    assert engine.lane_context_size(0) == 2048 and engine.lane_context_size(1) == engine.n_ctx
+    with pytest.raises(EngineError, match="cannot read hidden states"):
+        engine.hidden_state(tokens, 15, lane=1)
+    assert engine.hidden_state(tokens, 15, lane=0).shape == (engine.hidden_size,)
+    assert assistant.analyst.max_text_tokens <= 2048 - len(assistant.analyst._before)
+
+
 def test_long_prompts_are_chunked_without_small_batches(assistant):
     engine = assistant.engine
     for n in range(1, 3 * engine.batch_size):
@@ -78,8 +113,8 @@ def test_borrowed_prefix_from_another_lane_scores_the_same(assistant):
     engine, analyst = assistant.engine, assistant.analyst
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     engine.forget()
-    engine.score(tokens, analyst.candidates, lane=0)
-    borrowed = engine.score(tokens, analyst.candidates, lane=2)
+    engine.score(tokens, analyst.candidates, lane=1)
+    borrowed = engine.score(tokens, analyst.candidates, lane=2)  # lanes 1 and 2 share a llama.cpp context
     assert engine.last_stats.reused == len(tokens) - 8  # see "Batch invariance" in llamacpp.py
     engine.forget()
     fresh = engine.score(tokens, analyst.candidates, lane=2)

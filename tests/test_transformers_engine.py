@@ -183,6 +183,16 @@ def test_the_benchmarks_original_recipe_agrees_with_the_seed_method(tiny_model_d
         assert recipe.analyze(text).label == analyst.analyze_by_generation(text).label
 
 
-def test_output_weight_chunks_are_the_lm_head(tiny_engine):
-    weight = np.concatenate(list(tiny_engine.output_weight_chunks(rows=7)))
-    assert np.array_equal(weight, tiny_engine.hf_model.get_output_embeddings().weight.detach().float().numpy())
+def test_hidden_state_is_the_hf_residual_stream_after_that_many_blocks(tiny_engine):
+    import torch
+
+    tokens = tiny_engine.tokenize("Not bad at all.")
+    tiny_engine.forget()
+    tiny_engine.hidden_state(tokens[:3], 1)
+    cached = tiny_engine.hidden_state(tokens, 1)  # reuses the first tokens' entries
+    assert tiny_engine.last_stats.reused > 0
+    with torch.inference_mode():
+        out = tiny_engine.hf_model(torch.tensor([tokens]), output_hidden_states=True)
+    expected = out.hidden_states[1][0, -1].float().numpy()
+    assert np.allclose(cached, expected, atol=1e-4)
+    assert tiny_engine.hidden_size == expected.shape[0] and tiny_engine.n_layers == 2

@@ -95,13 +95,6 @@ def cmd_install_model(args, settings: Settings) -> int:
         except (ModelError, EngineError) as err:
             # The original model works; only the speed-up is missing.
             warn(f"{err}\nThe original Q4_K_M model will be used.")
-    from ..roles.head import HeadError
-    from ..service import prepare_packaged_heads
-
-    try:
-        prepare_packaged_heads(settings, progress)
-    except (HeadError, EngineError) as err:
-        warn(f"the packaged sentiment head could not be prepared ({err}); it will be at the first start")
     return 0
 
 
@@ -324,8 +317,7 @@ def cmd_eval(args, settings: Settings) -> int:
 
 def cmd_train_head(args, settings: Settings) -> int:
     from ..evaluation.data import DataError, load_labelled
-    from ..roles.head import HeadError, check_training_labels, train_head
-    from ..service import folded_directory
+    from ..roles.head import HeadError, check_training_labels, heldout_count, train_head
 
     try:
         items = load_labelled(args.data)
@@ -338,12 +330,14 @@ def cmd_train_head(args, settings: Settings) -> int:
     sha = assistant.model_sha256()
     if sha is None:
         raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
-    with progress_bar(total=len(items), desc="train-head (reading hidden states)", disable=args.quiet) as bar:
+    labels = [item["label"] for item in items]
+    with progress_bar(total=len(items) + heldout_count(labels, args.holdout),
+                      desc="train-head (hidden states, then held-out prompt scores)",
+                      disable=args.quiet) as bar:
         try:
-            head, report = train_head(assistant.analyst, [item["text"] for item in items],
-                                      [item["label"] for item in items], model_sha256=sha,
-                                      holdout=args.holdout, progress=bar.update, source=Path(args.data).name,
-                                      fold_cache=folded_directory(settings))
+            head, report = train_head(assistant.analyst, [item["text"] for item in items], labels, model_sha256=sha,
+                                      layers=args.layers, holdout=args.holdout, progress=bar.update,
+                                      source=Path(args.data).name)
         except HeadError as err:
             raise CliError(str(err)) from None
     path = head.save(Path(args.output_dir) if args.output_dir else assistant.head_directory())
@@ -353,7 +347,7 @@ def cmd_train_head(args, settings: Settings) -> int:
     else:
         print(f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
               f"{report['heldout_accuracy_head']:.3f}, prompt alone {report['heldout_accuracy_prompt']:.3f} "
-              f"(L2 {report['l2']:g}; {report['seconds']:.0f} s)")
+              f"(after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)")
         print(f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
               f"(--sentiment-head false turns it off)")
     return 0
@@ -582,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share kept aside (stratified) to report held-out accuracy before the final fit")
     p.add_argument("--output-dir", metavar="DIR", help="where to save the head (default: <home>/heads)")
+    p.add_argument("--layers", type=int, metavar="K",
+                   help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
+                        "depth, 15 of 24 for the default model); lower is faster, higher may be more accurate")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("eval-chat", cmd_eval_chat, "Reply to each message (a new conversation each) and check the "

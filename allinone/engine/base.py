@@ -5,9 +5,9 @@ An engine knows nothing of prompts, roles or conversations. It offers three thin
 * the model's vocabulary (tokenize, token bytes, end-of-generation ids, chat template text);
 * `score(tokens, candidates)`: one forward pass, log-probabilities of candidate next tokens;
 * `generate(tokens, sampling)`: next tokens one by one, stoppable at any point;
-* `logits(tokens)` and `output_weight_chunks()`: the whole last-position logits and the output
-  projection they came from, which is all a learned head on the final hidden state needs
-  (roles/head.py).
+* `logits(tokens)`: the whole last-position logits;
+* `hidden_state(tokens, layer)`: the residual stream after the first `layer` transformer blocks at
+  the last position, computing no block above it (what a learned head reads, roles/head.py).
 
 Both compute calls go through a prefix KV cache organised in *lanes* (sequences in the KV
 memory). A lane remembers which tokens its KV entries hold; a request on a lane evaluates only
@@ -58,6 +58,18 @@ class CacheStats:
 class _Lane:
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
+    # A hidden_state() call stops the forward pass early, so its tokens' KV entries exist only for
+    # the first `shallow_layers` blocks: tokens[shallow_from:] may serve later requests that stop
+    # at or below that depth, never a full pass. None = every entry is complete.
+    shallow_from: int | None = None
+    shallow_layers: int = 0
+
+    def usable(self, layers: int | None) -> int:
+        """How many leading tokens hold KV entries deep enough for a pass through `layers`
+        blocks (None = the whole model)."""
+        if self.shallow_from is None or (layers is not None and layers <= self.shallow_layers):
+            return len(self.tokens)
+        return self.shallow_from
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -133,6 +145,8 @@ class Engine(ABC):
 
     n_ctx: int
     n_vocab: int
+    n_layers: int  # transformer blocks
+    hidden_size: int  # width of the residual stream
     n_lanes: int
     description: str
 
@@ -182,6 +196,15 @@ class Engine(ABC):
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         """Evaluate tokens at positions start.. on the lane; return last-position logits."""
 
+    def _can_share(self, src: int, dst: int) -> bool:
+        """Whether lane dst can take over KV entries of lane src (backends may keep lanes apart)."""
+        return True
+
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
+        """Evaluate tokens through the first `layers` blocks only; return the last position's
+        residual stream there."""
+        raise EngineError(f"{self.description} cannot read hidden states")
+
     def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
                            candidates: Sequence[int]) -> np.ndarray:
         """Like _decode, but only the candidates' logits are needed; a backend that can project
@@ -198,22 +221,30 @@ class Engine(ABC):
         if not 0 <= lane < self.n_lanes:
             raise EngineError(f"lane {lane} out of range 0..{self.n_lanes - 1}")
 
-    def _evaluate(self, tokens: Sequence[int], lane: int, candidates: Sequence[int] | None = None) -> np.ndarray:
+    def _evaluate(self, tokens: Sequence[int], lane: int, candidates: Sequence[int] | None = None,
+                  layers: int | None = None) -> np.ndarray:
         """Bring `lane` to hold exactly `tokens` and return the logits after the last one (only
-        the candidates' logits, in their order, when candidates are given)."""
+        the candidates' logits, in their order, when candidates are given), or, with `layers`,
+        the last position's residual stream after that many blocks."""
         self._check_lane(lane)
         if not tokens:
             raise EngineError("cannot evaluate an empty token sequence")
-        if len(tokens) > self.n_ctx:
-            raise ContextOverflow(f"{len(tokens)} tokens do not fit in the context of {self.n_ctx}")
+        if len(tokens) > self.lane_context_size(lane):
+            raise ContextOverflow(f"{len(tokens)} tokens do not fit in the context of {self.lane_context_size(lane)}")
+        if layers is not None and not 0 < layers < self.n_layers:
+            raise EngineError(f"layers must be in 1..{self.n_layers - 1}, got {layers}")
         tokens = list(tokens)
         state = self._lanes[lane]
-        # At least the last token must be evaluated: its logits are the answer.
-        reuse = min(common_prefix_length(state.tokens, tokens), len(tokens) - 1)
+
+        def reusable(other: _Lane) -> int:
+            # At least the last token must be evaluated: its output is the answer.
+            return min(common_prefix_length(other.tokens[:other.usable(layers)], tokens), len(tokens) - 1)
+
+        reuse = reusable(state)
         donor, donor_reuse = None, reuse
         for other, other_state in enumerate(self._lanes):
-            if other != lane:
-                n = min(common_prefix_length(other_state.tokens, tokens), len(tokens) - 1)
+            if other != lane and self._can_share(other, lane):
+                n = reusable(other_state)
                 if n > donor_reuse:
                     donor, donor_reuse = other, n
         reuse = self._adjust_reuse(reuse, len(tokens))
@@ -222,24 +253,42 @@ class Engine(ABC):
             self._kv_truncate(lane, 0)
             self._kv_share(donor, lane, donor_reuse)
             reuse = donor_reuse
+            source = self._lanes[donor]
+            shallow = source.shallow_from is not None and source.shallow_from < reuse
+            state.shallow_from = source.shallow_from if shallow else None
+            state.shallow_layers = source.shallow_layers
         else:
             self._kv_truncate(lane, reuse)
+            if state.shallow_from is not None and state.shallow_from >= reuse:
+                state.shallow_from = None
         state.tokens = tokens[:reuse]
         self._clock += 1
         state.last_used = self._clock
-        if candidates is None:
-            logits = self._decode(lane, tokens[reuse:], reuse)
+        if layers is not None:
+            # Marked before decoding: an interrupted decode leaves shallow entries too.
+            if state.shallow_from is None:
+                state.shallow_from, state.shallow_layers = reuse, layers
+            else:
+                state.shallow_layers = min(state.shallow_layers, layers)
+            result = self._decode_hidden(lane, tokens[reuse:], reuse, layers)
+        elif candidates is None:
+            result = self._decode(lane, tokens[reuse:], reuse)
         else:
-            logits = self._decode_candidates(lane, tokens[reuse:], reuse, candidates)
+            result = self._decode_candidates(lane, tokens[reuse:], reuse, candidates)
         state.tokens = tokens
         self.last_stats = CacheStats(reused=reuse, evaluated=len(tokens) - reuse)
-        return logits
+        return result
 
     def forget(self, lane: int | None = None) -> None:
         """Empty one lane (or all): the next request recomputes from scratch."""
         for i in range(self.n_lanes) if lane is None else [lane]:
             self._kv_truncate(i, 0)
             self._lanes[i].tokens = []
+            self._lanes[i].shallow_from = None
+
+    def lane_context_size(self, lane: int) -> int:
+        """How many tokens this lane can hold (n_ctx unless the backend gives a lane less)."""
+        return self.n_ctx
 
     def lane_tokens(self, lane: int) -> list[int]:
         return list(self._lanes[lane].tokens)
@@ -255,10 +304,12 @@ class Engine(ABC):
         """All next-token logits after `tokens` (float32, vocabulary-sized), same cache as score()."""
         return np.asarray(self._evaluate(tokens, lane), dtype=np.float32)
 
-    @abstractmethod
-    def output_weight_chunks(self, rows: int = 8192) -> Iterator[np.ndarray]:
-        """The output projection W (logits = W · final hidden state; vocabulary x hidden), as
-        float32 blocks of consecutive rows, in order."""
+    def hidden_state(self, tokens: Sequence[int], layers: int, *, lane: int = 0) -> np.ndarray:
+        """The residual stream after the first `layers` transformer blocks (1..n_layers-1) at the
+        last position (float32, hidden-sized), same cache as score(). The pass stops there: the
+        blocks above and the output projection are never computed, so this costs about
+        layers/n_layers of a scoring call."""
+        return np.asarray(self._evaluate(tokens, lane, layers=layers), dtype=np.float32)
 
     def generate(self, tokens: Sequence[int], sampling: Sampling = Sampling(), *, lane: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> Generation:
@@ -279,7 +330,7 @@ class Engine(ABC):
                 return "stop"
             generated.append(token)
             yield token
-            if len(generated) >= sampling.max_tokens or len(state.tokens) >= self.n_ctx:
+            if len(generated) >= sampling.max_tokens or len(state.tokens) >= self.lane_context_size(lane):
                 return "length"
             # The lane's bookkeeping only grows after a successful decode; a failed or interrupted
             # one leaves stray KV entries past len(tokens), which the next request truncates.

@@ -151,6 +151,8 @@ class TransformersEngine(Engine):
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
         self.n_vocab = int(self._lm_head.weight.shape[0])
+        self.n_layers = int(config.num_hidden_layers)
+        self.hidden_size = int(config.hidden_size)
         max_positions = getattr(config, "max_position_embeddings", None) or context_size
         self.n_ctx = min(context_size, int(max_positions))
         self.batch_size = batch_size
@@ -253,9 +255,11 @@ class TransformersEngine(Engine):
             raise EngineError(f"lane {src} holds {self._cache_length(src)} positions, not {n}")
         self._caches[dst] = None if n <= 0 else self._cache_from(self._layers(self._caches[src]), n)
 
-    def _hidden_last(self, lane: int, tokens: Sequence[int], start: int):
+    def _hidden_last(self, lane: int, tokens: Sequence[int], start: int, layers: int | None = None):
         """Run tokens at positions start.. through the decoder on the lane's cache; return the
-        final-norm hidden state of the last position."""
+        final-norm hidden state of the last position, or with `layers` the residual stream after
+        that many blocks (all blocks still run here: simpler, and this engine is the reference,
+        not the fast path)."""
         torch = self._torch
         if not tokens:
             raise EngineError("nothing to decode")
@@ -277,8 +281,10 @@ class TransformersEngine(Engine):
                 chunk = list(tokens[offset: offset + self.batch_size])
                 ids = torch.tensor([chunk], dtype=torch.long)
                 positions = torch.arange(start + offset, start + offset + len(chunk), dtype=torch.long).unsqueeze(0)
-                out = self._decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
-                hidden = out.last_hidden_state[0, -1]
+                out = self._decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
+                                    output_hidden_states=layers is not None)
+                # hidden_states[0] is the embedding output, [k] the output of block k.
+                hidden = out.last_hidden_state[0, -1] if layers is None else out.hidden_states[layers][0, -1]
         return hidden
 
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
@@ -286,6 +292,9 @@ class TransformersEngine(Engine):
         with self._torch.inference_mode():
             logits = self._lm_head(hidden)
         return logits.float().numpy().copy()
+
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
+        return self._hidden_last(lane, tokens, start, layers).float().numpy().copy()
 
     def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
                            candidates: Sequence[int]) -> np.ndarray:
@@ -297,14 +306,6 @@ class TransformersEngine(Engine):
                 hidden, self._lm_head.weight.index_select(0, rows),
                 None if self._lm_head.bias is None else self._lm_head.bias.index_select(0, rows))
         return logits.float().numpy().copy()
-
-    def output_weight_chunks(self, rows: int = 8192):
-        if self._lm_head.bias is not None:
-            raise EngineError("this model's output projection has a bias; a learned head needs one without")
-        weight = self._lm_head.weight
-        with self._torch.inference_mode():
-            for start in range(0, weight.shape[0], rows):
-                yield weight[start:start + rows].float().numpy().copy()
 
     # ---- for tests and the original recipe --------------------------------------------------
     @property

@@ -1,6 +1,6 @@
-"""Read a GGUF file's header without loading the weights: metadata (for `allinone model`) and
-where each tensor lies (for reading the output projection, roles/head.py). gguf's own GGUFReader
-does the same but takes ~15 s on a 152k-token vocabulary; this takes a fraction of a second."""
+"""Read a GGUF file's metadata without loading the weights (for `allinone model`). gguf's own
+GGUFReader does the same but takes ~15 s on a 152k-token vocabulary; this takes a fraction of a
+second."""
 
 from __future__ import annotations
 
@@ -68,27 +68,6 @@ def _read_header(f: BinaryIO, path) -> tuple[dict, int]:
 def read_metadata(path: str | Path) -> dict:
     with open(path, "rb") as f:
         return _read_header(f, path)[0]
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # GGUF order: the row length first
-    ggml_type: int
-    offset: int  # absolute, in the file
-
-
-def read_tensor_infos(path: str | Path) -> dict[str, TensorInfo]:
-    with open(path, "rb") as f:
-        meta, n_tensors = _read_header(f, path)
-        raw = []
-        for _ in range(n_tensors):
-            name = _read_string(f)
-            shape = tuple(_read(f, "<Q") for _ in range(_read(f, "<I")))
-            raw.append((name, shape, _read(f, "<I"), _read(f, "<Q")))
-        alignment = int(meta.get("general.alignment", 32))
-        data_start = -(-f.tell() // alignment) * alignment
-    return {name: TensorInfo(name, shape, ggml_type, data_start + offset) for name, shape, ggml_type, offset in raw}
 
 
 def summarize(meta: dict) -> dict:

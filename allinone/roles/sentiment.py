@@ -65,7 +65,7 @@ class SentimentAnalyst:
         self._before = engine.tokenize(before, special=True)
         self._after = engine.tokenize(after, special=True)
         overhead = len(self._before) + len(self._after) + 1
-        self.max_text_tokens = max(1, min(max_text_tokens, engine.n_ctx - overhead))
+        self.max_text_tokens = max(1, min(max_text_tokens, engine.lane_context_size(lane) - overhead))
         self.candidates = [self._label_token(prompt.label_words[label]) for label in LABELS]
         self.head = None
         if self.candidates[0] == self.candidates[1]:
@@ -107,9 +107,10 @@ class SentimentAnalyst:
             text_ids = text_ids[:head] + text_ids[len(text_ids) - (self.max_text_tokens - head):]
         return self._before + text_ids + self._after, truncated
 
-    def use_head(self, scorer) -> None:
-        """Decide by a learned head (roles/head.py) on the same forward pass; None = prompt only."""
-        self.head = scorer
+    def use_head(self, head) -> None:
+        """Decide by a learned head (roles/head.py, a SentimentHead) on a pass that stops at the
+        head's depth; None = by the two label tokens."""
+        self.head = head
 
     def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
         tokens, truncated = self.prompt_tokens(text)
@@ -127,8 +128,8 @@ class SentimentAnalyst:
     def positive_probability(self, text: str, *, use_head: bool = True) -> "_Positive":
         if self.head is not None and use_head:
             tokens, truncated = self.prompt_tokens(text)
-            logits = self.engine.logits(tokens, lane=self.lane)
-            return _Positive(self.head.positive_probability(logits), truncated)
+            hidden = self.engine.hidden_state(tokens, self.head.layers, lane=self.lane)
+            return _Positive(self.head.positive_probability(hidden), truncated)
         logprobs, truncated = self.label_logprobs(text)
         # Softmax over the two candidates only: the probability mass the model puts elsewhere
         # says nothing about which of the two labels it prefers.
