@@ -194,11 +194,19 @@ def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
     write_jsonl(data, [{"text": t, "label": l} for t, l in [
         ("太棒了,非常满意", "positive"), ("The worst hotel I have ever stayed in.", "negative"),
         ("Lovely staff, would come back.", "positive"), ("送餐太慢了,菜都凉了", "negative")]])
-    code, out, err = run(["bench", "--texts", str(data), "--json", "--quiet", "--no-original"], cli_env)
+    chat = tmp_path / "chat.jsonl"
+    write_jsonl(chat, [{"message": "今天升职了!"}, {"message": "My cat is sick."}])
+    plot = tmp_path / "bench.png"
+    code, out, err = run(["bench", "--texts", str(data), "--json", "--quiet", "--no-original",
+                          "--chat-messages", str(chat), "--plot", str(plot)], cli_env)
     assert code == 0, err
     report = json.loads(out)
-    assert report["n"] == 4 and {"score", "seed"} <= set(report["methods"])
-    assert report["speedup_score_vs_seed"] > 0 and report["peak_rss_mb"] > 0
+    assert report["n"] == 4 and {"score", "seed", "raw-llama-cpp-python"} <= set(report["methods"])
+    assert report["speedup_score_vs_seed"] > 0 and report["speedup_vs_raw_llama_cpp_python"] > 0
+    assert report["peak_rss_mb"] > 0
+    assert report["chat"]["n"] == 2 and report["chat"]["ours"]["first_token_ms_p50"] > 0
+    assert report["chat"]["raw_llama_cpp_python"]["decode_tokens_per_s"] > 0
+    assert plot.stat().st_size > 1000
     assert "server peer is skipped" in err
 
 

@@ -406,6 +406,9 @@ DEFAULT_TEXTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "senti
 
 
 QUICK_TEXTS = 60
+DEFAULT_CHAT_MESSAGES = DEFAULT_TEXTS.with_name("chat-dev.jsonl")
+QUICK_CHAT_MESSAGES = 10
+CHAT_BENCH_TOKENS = 48
 BENCH_LANE = 3  # a lane the service leaves free (see service.py), for the bench's second analyst
 
 
@@ -460,6 +463,18 @@ def cmd_bench(args, settings: Settings) -> int:
         except (OSError, ModelError, ImportError) as err:
             raise CliError(f"cannot load the original recipe's model: {err}", EXIT_FAILURE) from None
         methods["original"] = original.analyze
+    raw = None
+    if not args.no_raw:
+        from ..evaluation.raw import RawLlamaCpp
+
+        try:
+            started = time.perf_counter()
+            raw = RawLlamaCpp(baseline_model(None), SENTIMENT_PROMPTS["original"].template,
+                              threads=settings.threads, context_size=settings.context_size)
+            raw_load = time.perf_counter() - started
+        except (OSError, ValueError, ModelError) as err:
+            raise CliError(f"cannot load llama-cpp-python's Llama on the original model: {err}", EXIT_FAILURE) from None
+        methods["raw-llama-cpp-python"] = raw.analyze
     peer = None
     if args.llama_server:
         from ..evaluation.peer import LlamaServerPeer
@@ -479,6 +494,9 @@ def cmd_bench(args, settings: Settings) -> int:
     finally:
         if peer:
             peer.close()
+    chat = bench_chat(args, assistant, raw) if raw else None
+    if raw:
+        raw.close()
     p50 = {name: r["latency_ms"]["p50"] for name, r in results.items()}
     report = {
         "texts": str(texts), "n": len(items), "engine": assistant.engine.description,
@@ -499,6 +517,16 @@ def cmd_bench(args, settings: Settings) -> int:
     if peer:
         report["peer_model"] = str(peer.model)
         report["speedup_vs_llama_server"] = p50["llama-server"] / p50["score"]
+    if raw:
+        report["raw_model"], report["raw_load_seconds"] = str(raw.model), round(raw_load, 2)
+        report["speedup_vs_raw_llama_cpp_python"] = p50["raw-llama-cpp-python"] / p50["score"]
+    if chat:
+        report["chat"] = chat
+    if args.plot:
+        from ..evaluation.metrics import draw_latencies
+
+        draw_latencies(results, args.plot, title=f"{len(items)} texts from {texts.name}, one at a time, same run\n"
+                                                 f"ours: {assistant.model_path.name}")
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -515,7 +543,68 @@ def cmd_bench(args, settings: Settings) -> int:
                   f"{report['original_load_seconds']:.0f} s to load")
         if peer:
             print(f"score is {report['speedup_vs_llama_server']:.2f}x faster than llama-server on {peer.model.name}")
+        if raw:
+            print(f"score is {report['speedup_vs_raw_llama_cpp_python']:.1f}x faster than plain llama-cpp-python "
+                  f"(create_completion, 10 tokens) on {raw.model.name}")
+        if chat:
+            ours, theirs = chat["ours"], chat["raw_llama_cpp_python"]
+            print(f"chat, {chat['n']} messages: respond flow: sentiment known after {ours['sentiment_ms_p50']:.0f} ms, "
+                  f"first reply token after {ours['first_token_ms_p50']:.0f} ms, {ours['decode_tokens_per_s']:.1f} "
+                  f"tokens/s; plain llama-cpp-python on the same chat prompt: first token after "
+                  f"{theirs['first_token_ms_p50']:.0f} ms, {theirs['decode_tokens_per_s']:.1f} tokens/s")
     return 0
+
+
+def bench_chat(args, assistant, raw) -> dict | None:
+    """Chat timings, each message a new conversation: our respond flow (sentiment, then the
+    reply) against plain llama-cpp-python streaming a reply to the very same chat prompt (the
+    messages our chat role builds), greedy, at most CHAT_BENCH_TOKENS tokens each."""
+    import dataclasses
+
+    from ..conversation.history import Conversation
+    from ..evaluation.metrics import percentile
+    from ..evaluation.raw import stream_timing
+
+    path = Path(args.chat_messages) if args.chat_messages else DEFAULT_CHAT_MESSAGES
+    if not path.is_file():
+        warn(f"no chat messages at {path}: chat timings skipped (--chat-messages FILE)")
+        return None
+    try:
+        messages = [json.loads(line)["message"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CliError(f"{path}: every line must be a JSON object with a 'message' ({err})") from None
+    if args.quick or args.limit:
+        count = min(len(messages), args.limit or QUICK_CHAT_MESSAGES)
+        messages = [messages[i * len(messages) // count] for i in range(count)]
+    sampling = dataclasses.replace(assistant.default_sampling(), max_tokens=CHAT_BENCH_TOKENS)
+    ours = {"sentiment": [], "first": [], "rates": []}
+    theirs = {"first": [], "rates": []}
+    with progress_bar(total=len(messages), desc="bench (chat: respond flow, plain llama-cpp-python)",
+                      disable=args.quiet) as bar:
+        for message in messages:
+            start = time.perf_counter()
+            response = assistant.respond(Conversation(), message, sampling=sampling)
+            ours["sentiment"].append((time.perf_counter() - start) * 1000)
+            first = None
+            for _ in response:
+                if first is None:
+                    first = time.perf_counter()
+            timing = stream_timing(start, first, time.perf_counter(), response.stats.completion_tokens)
+            ours["first"].append(timing.first_token_ms)
+            ours["rates"].append(timing.decode_tokens_per_s)
+            chat_messages = assistant.chat.messages([], assistant.chat.user_content(message, response.sentiment.label))
+            timing = raw.chat(chat_messages, CHAT_BENCH_TOKENS)
+            theirs["first"].append(timing.first_token_ms)
+            theirs["rates"].append(timing.decode_tokens_per_s)
+            bar.update(1)
+    median = lambda values: percentile(values, 50)  # noqa: E731
+    return {
+        "n": len(messages), "max_tokens": CHAT_BENCH_TOKENS,
+        "ours": {"sentiment_ms_p50": median(ours["sentiment"]), "first_token_ms_p50": median(ours["first"]),
+                 "decode_tokens_per_s": median(ours["rates"])},
+        "raw_llama_cpp_python": {"first_token_ms_p50": median(theirs["first"]),
+                                 "decode_tokens_per_s": median(theirs["rates"])},
+    }
 
 
 def cmd_serve(args, settings: Settings) -> int:
@@ -604,6 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original-model", metavar="PATH",
                    help="the original recipe's model: a Hugging Face directory or GGUF (default: the "
                         "original Q4_K_M default model, dequantised to float32)")
+    p.add_argument("--no-raw", action="store_true",
+                   help="skip plain llama-cpp-python (create_completion, create_chat_completion) on the original model")
+    p.add_argument("--chat-messages", metavar="FILE",
+                   help=f"messages for the chat / respond-flow timings (default: {DEFAULT_CHAT_MESSAGES.name} "
+                        f"beside the texts; {QUICK_CHAT_MESSAGES} of them with --quick)")
+    p.add_argument("--plot", metavar="PNG", help="draw the latency of every method as a bar chart")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     command("serve", cmd_serve, "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "

@@ -69,6 +69,34 @@ def calibration(probabilities: Sequence[float], correct: Sequence[bool], bins: i
     return {"ece": float(ece), "bins": table}
 
 
+def draw_latencies(methods: dict, path: str, title: str = "") -> None:
+    """One bar per method: median latency, with the p95 as a whisker (log scale: the methods
+    span two orders of magnitude)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(methods)
+    p50 = [methods[n]["latency_ms"]["p50"] for n in names]
+    p95 = [methods[n]["latency_ms"]["p95"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
+    ax.barh(names, p50, xerr=[[0] * len(names), [b - a for a, b in zip(p50, p95)]], color="C0", alpha=0.7,
+            error_kw={"ecolor": "grey", "capsize": 3})
+    for i, (name, value) in enumerate(zip(names, p50)):
+        accuracy = methods[name].get("accuracy")
+        label = f"{value:.0f} ms ({value / p50[0]:.1f}x)" + (f", acc {accuracy:.2f}" if accuracy is not None else "")
+        ax.annotate(label, (value, i), xytext=(4, -10), textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(p50) / 1.5, max(p95) * 3)  # room for the labels
+    ax.invert_yaxis()
+    ax.set_xlabel("sentiment latency per text, median (whisker: p95), ms")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def draw_reliability(calib: dict, path: str, title: str = "") -> None:
     import matplotlib
 
