@@ -1,6 +1,6 @@
 """The engine contract: token ids in, scores and token ids out.
 
-An engine knows nothing of prompts, roles or conversations. It offers three things:
+An engine knows nothing of prompts, roles or conversations. It offers:
 
 * the model's vocabulary (tokenize, token bytes, end-of-generation ids, chat template text);
 * `score(tokens, candidates)`: one forward pass, log-probabilities of candidate next tokens;

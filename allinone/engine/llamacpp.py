@@ -44,8 +44,8 @@ class _LayerTap:
     up to that node, hands it over (ask=False), and abandons the rest of the graph if the callback
     returns False. Block i's output node is named "l_out-i". So hidden_state(tokens, k) computes
     exactly k blocks: the blocks above and the 152k-row output projection never run, which is why
-    the head is faster than scoring. While idle the tap answers "no" to every node: measured cost
-    on a chat decode step (~800 nodes) is within the timing noise.
+    the head is faster than scoring. While idle the tap answers "no" to every node, but that is
+    still a Python call per node (~800 per step): it lives in a context of its own (see below).
 
     The llama.cpp KV entries of the tokens in such a pass exist only for the first k blocks; the
     engine's lane bookkeeping (base.py) keeps full passes away from them.
