@@ -494,7 +494,7 @@ def cmd_bench(args, settings: Settings) -> int:
     finally:
         if peer:
             peer.close()
-    chat = bench_chat(args, assistant, raw) if raw else None
+    chat = bench_chat(args, assistant, raw)
     if raw:
         raw.close()
     p50 = {name: r["latency_ms"]["p50"] for name, r in results.items()}
@@ -550,15 +550,16 @@ def cmd_bench(args, settings: Settings) -> int:
             ours, theirs = chat["ours"], chat["raw_llama_cpp_python"]
             print(f"chat, {chat['n']} messages: respond flow: sentiment known after {ours['sentiment_ms_p50']:.0f} ms, "
                   f"first reply token after {ours['first_token_ms_p50']:.0f} ms, {ours['decode_tokens_per_s']:.1f} "
-                  f"tokens/s; plain llama-cpp-python on the same chat prompt: first token after "
-                  f"{theirs['first_token_ms_p50']:.0f} ms, {theirs['decode_tokens_per_s']:.1f} tokens/s")
+                  f"tokens/s" + (f"; plain llama-cpp-python on the same chat prompt: first token after "
+                                 f"{theirs['first_token_ms_p50']:.0f} ms, {theirs['decode_tokens_per_s']:.1f} tokens/s"
+                                 if theirs else ""))
     return 0
 
 
 def bench_chat(args, assistant, raw) -> dict | None:
     """Chat timings, each message a new conversation: our respond flow (sentiment, then the
-    reply) against plain llama-cpp-python streaming a reply to the very same chat prompt (the
-    messages our chat role builds), greedy, at most CHAT_BENCH_TOKENS tokens each."""
+    reply) and, unless --no-raw, plain llama-cpp-python streaming a reply to the very same chat
+    prompt (the messages our chat role builds), greedy, at most CHAT_BENCH_TOKENS tokens each."""
     import dataclasses
 
     from ..conversation.history import Conversation
@@ -592,10 +593,11 @@ def bench_chat(args, assistant, raw) -> dict | None:
             timing = stream_timing(start, first, time.perf_counter(), response.stats.completion_tokens)
             ours["first"].append(timing.first_token_ms)
             ours["rates"].append(timing.decode_tokens_per_s)
-            chat_messages = assistant.chat.messages([], assistant.chat.user_content(message, response.sentiment.label))
-            timing = raw.chat(chat_messages, CHAT_BENCH_TOKENS)
-            theirs["first"].append(timing.first_token_ms)
-            theirs["rates"].append(timing.decode_tokens_per_s)
+            if raw:
+                chat_messages = assistant.chat.messages([], assistant.chat.user_content(message, response.sentiment.label))
+                timing = raw.chat(chat_messages, CHAT_BENCH_TOKENS)
+                theirs["first"].append(timing.first_token_ms)
+                theirs["rates"].append(timing.decode_tokens_per_s)
             bar.update(1)
     median = lambda values: percentile(values, 50)  # noqa: E731
     return {
@@ -603,7 +605,7 @@ def bench_chat(args, assistant, raw) -> dict | None:
         "ours": {"sentiment_ms_p50": median(ours["sentiment"]), "first_token_ms_p50": median(ours["first"]),
                  "decode_tokens_per_s": median(ours["rates"])},
         "raw_llama_cpp_python": {"first_token_ms_p50": median(theirs["first"]),
-                                 "decode_tokens_per_s": median(theirs["rates"])},
+                                 "decode_tokens_per_s": median(theirs["rates"])} if raw else None,
     }
 
 
