@@ -3,6 +3,7 @@ adapters over `Assistant`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,9 @@ class Assistant:
         validate_text(message, self.settings.max_text_chars)
         sentiment = self.analyst.analyze(message)
         sampling = sampling or self.default_sampling()
+        if self.settings.reply_in_script:
+            sampling = dataclasses.replace(sampling, suppress_tokens=sampling.suppress_tokens
+                                           | self.chat.script_guard(message))
         user_content = self.chat.user_content(message, sentiment.label)
         tokens, dropped = self.chat.prompt_tokens(conversation.turns, user_content, sampling.max_tokens)
         if dropped:

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     reply_max_tokens: int = Field(256, ge=1, description="Longest chat reply, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Chat sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Chat nucleus sampling threshold.")
+    reply_in_script: bool = Field(True, description="A reply to an English message never uses Chinese, Japanese "
+                                                   "or Korean characters (the small model sometimes answers "
+                                                   "in Chinese otherwise).")
     repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="Chat repetition penalty on the tokens generated "
                                                                    "so far (1 = off); 1.1 stops the loops the 0.5B model "
                                                                    "falls into (eval-chat 0.85 -> 0.875).")

@@ -155,6 +155,18 @@ def test_sampling_respects_top_p_and_seed():
     assert a == b
     # a strong repeat penalty moves greedy off an already generated token
     assert sample_token(logits, Sampling(repeat_penalty=10.0), rng, [0]) == 1
+    # suppressed tokens are never picked, greedy or sampled
+    assert sample_token(logits, Sampling(), rng, [], np.array([0])) == 1
+    picks = {sample_token(logits, Sampling(temperature=2.0), rng, [], np.array([0, 1])) for _ in range(50)}
+    assert picks <= {2, 3, 4}
+
+
+def test_generation_never_emits_a_suppressed_token():
+    engine = FakeEngine(reply="Hello there.")
+    tokens = engine.tokenize("<|im_start|>assistant\n", special=True)
+    banned = frozenset({ord("l")})
+    out = list(engine.generate(tokens, Sampling(max_tokens=20, suppress_tokens=banned)))
+    assert out and ord("l") not in out
 
 
 def test_user_content_cannot_forge_chat_turns():

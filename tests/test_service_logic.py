@@ -152,3 +152,13 @@ def test_complete_streams_a_plain_chat_completion():
 def test_complete_rejects_malformed_messages(messages):
     with pytest.raises(InputError):
         make_assistant().complete(messages)
+
+
+def test_a_reply_to_an_english_message_cannot_use_east_asian_characters():
+    assistant = make_assistant()  # the fake model would answer "谢谢你的分享!" to anything
+    reply = "".join(assistant.respond(Conversation(), "Thanks for listening, I feel better."))
+    # (the fake model then emits stray bytes; a real one picks English words)
+    assert reply and not any("\u3000" <= ch <= "\u9fff" for ch in reply)
+    assert "谢谢" in "".join(assistant.respond(Conversation(), "谢谢你听我说。"))  # Chinese: no guard
+    unguarded = make_assistant(reply_in_script=False)
+    assert "谢谢" in "".join(unguarded.respond(Conversation(), "Thanks for listening, I feel better."))

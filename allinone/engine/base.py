@@ -43,6 +43,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repeat_penalty: float = 1.0  # 1 = off; applied to the tokens generated so far
+    suppress_tokens: frozenset[int] = frozenset()  # never sampled (e.g. another script's characters)
     seed: int | None = None
 
 
@@ -87,8 +88,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator,
-                 generated: Sequence[int]) -> int:
+                 generated: Sequence[int], suppressed: np.ndarray | None = None) -> int:
+    """`suppressed`: sampling.suppress_tokens as an index array (built once per generation)."""
     logits = logits.astype(np.float64, copy=True)
+    if suppressed is not None and suppressed.size:
+        logits[suppressed] = -np.inf
     if sampling.repeat_penalty != 1.0 and generated:
         # CTRL-style penalty, as llama.cpp applies it: shrink positive logits, grow negative ones.
         seen = np.fromiter(set(generated), dtype=np.int64)
@@ -319,13 +323,14 @@ class Engine(ABC):
                         should_stop: Callable[[], bool] | None):
         logits = self._evaluate(tokens, lane)
         rng = np.random.default_rng(sampling.seed)
+        suppressed = np.fromiter(sampling.suppress_tokens, dtype=np.int64, count=len(sampling.suppress_tokens))
         generated: list[int] = []
         eog = self.eog_tokens
         state = self._lanes[lane]
         while True:
             if should_stop is not None and should_stop():
                 return "cancelled"
-            token = sample_token(logits, sampling, rng, generated)
+            token = sample_token(logits, sampling, rng, generated, suppressed)
             if token in eog:
                 return "stop"
             generated.append(token)

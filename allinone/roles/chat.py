@@ -16,6 +16,13 @@ from .template import ChatTemplate
 _STOP_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
+def _is_east_asian(piece: bytes) -> bool:
+    """Whether a token's bytes start an East Asian character: UTF-8 lead bytes E3-ED cover
+    U+3000-U+DFFF (CJK punctuation, kana, ideographs, Hangul), EF covers fullwidth forms such as
+    "，". Continuation bytes alone cannot start a character, so lead bytes are enough."""
+    return any(0xE3 <= b <= 0xED or b == 0xEF for b in piece)
+
+
 class ChatRole:
     def __init__(self, engine: Engine, prompt: ChatPrompt, *, lane: int = 1, reply_max_tokens: int = 256):
         self.engine = engine
@@ -23,6 +30,20 @@ class ChatRole:
         self.lane = lane
         self.reply_max_tokens = reply_max_tokens
         self.template = ChatTemplate(engine)
+        self._east_asian_tokens: frozenset[int] | None = None
+
+    def script_guard(self, message: str) -> frozenset[int]:
+        """Tokens the reply to `message` must not use. The 0.5B model, told in Chinese how to
+        behave, sometimes answers an English message in Chinese (2 of 20 chat-dev messages);
+        no prompt wording fixed that, so an English message's reply may not contain East Asian
+        characters. A Chinese message gets no guard: English words are normal in Chinese text."""
+        if detect_language(message) != "en":
+            return frozenset()
+        if self._east_asian_tokens is None:  # one pass over the vocabulary (~0.3 s), once
+            self._east_asian_tokens = frozenset(
+                t for t in range(self.engine.n_vocab)
+                if t not in self.engine.eog_tokens and _is_east_asian(self.engine.token_bytes(t)))
+        return self._east_asian_tokens
 
     def user_content(self, message: str, label: str) -> str:
         tags = self.prompt.tags
