@@ -368,8 +368,8 @@ def cmd_eval_chat(args, settings: Settings) -> int:
     for number, item in enumerate(items, start=1):
         if item.get("lang") not in ("zh", "en") or item.get("sentiment") not in ("positive", "negative"):
             raise CliError(f"{args.data} item {number}: needs lang zh|en and sentiment positive|negative")
-    if args.method == "seed":
-        settings = settings.model_copy(update={"chat_prompt": "original"})
+    if args.method == "seed":  # the original format as it was: no script guard either
+        settings = settings.model_copy(update={"chat_prompt": "original", "reply_in_script": False})
     assistant = load_assistant(settings)
     rows, ttft = [], []
     with progress_bar(total=len(items), desc=f"eval-chat ({settings.chat_prompt})", disable=args.quiet) as bar:
@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--out", metavar="REPLIES.jsonl", help="write every reply with its failures, to read them")
     p.add_argument("--method", choices=["default", "seed"], default="default",
-                   help="seed: the original chat format, for comparison")
+                   help="seed: the original chat format (and no script guard), for comparison")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("bench", cmd_bench, "Time one-pass scoring against prompt-only scoring, the original recipe "
                                      "(seed) and optionally llama.cpp's server, on the same texts in one run; "
