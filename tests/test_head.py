@@ -97,6 +97,13 @@ def test_training_learns_what_the_prompt_does_not_know(analyst):
     assert with_head != without
 
 
+@pytest.mark.parametrize("layers", [0, 4, -1])
+def test_a_depth_outside_the_model_is_refused(analyst, layers):
+    texts, labels = texts_and_labels(analyst, n=20)
+    with pytest.raises(HeadError, match="layers must be in 1..3"):
+        train_head(analyst, texts, labels, model_sha256="abc", layers=layers)
+
+
 def test_a_head_at_the_wrong_depth_learns_nothing(analyst):
     texts, labels = texts_and_labels(analyst, n=200, layers=2)
     _, report = train_head(analyst, texts, labels, model_sha256="abc", layers=1)

@@ -215,7 +215,7 @@ def train_head(analyst, texts: Sequence[str], labels: Sequence[str], *, model_sh
     read, then once per held-out text scored: len(texts) + heldout_count(labels) calls."""
     check_training_labels(labels)
     started = time.perf_counter()
-    layers = layers or default_layers(analyst.engine.n_layers)
+    layers = default_layers(analyst.engine.n_layers) if layers is None else layers
     if not 0 < layers < analyst.engine.n_layers:
         raise HeadError(f"layers must be in 1..{analyst.engine.n_layers - 1}, got {layers}")
     features = collect_features(analyst, texts, layers, progress)
