@@ -159,6 +159,7 @@ class Engine(ABC):
         self._lanes = [_Lane() for _ in range(n_lanes)]
         self._clock = 0
         self.last_stats = CacheStats()
+        self._last_suppressed: tuple[frozenset[int], np.ndarray] = (frozenset(), np.empty(0, dtype=np.int64))
 
     # ---- vocabulary -------------------------------------------------------------------------
     @abstractmethod
@@ -322,10 +323,9 @@ class Engine(ABC):
     def _suppressed_array(self, tokens: frozenset[int]) -> np.ndarray:
         # The same set comes back request after request (a role's script guard: ~33k ids);
         # converting it costs ~1.5 ms, so the last conversion is kept.
-        cached = getattr(self, "_last_suppressed", None)
-        if cached is None or cached[0] is not tokens:
-            cached = self._last_suppressed = (tokens, np.fromiter(tokens, dtype=np.int64, count=len(tokens)))
-        return cached[1]
+        if self._last_suppressed[0] is not tokens:
+            self._last_suppressed = (tokens, np.fromiter(tokens, dtype=np.int64, count=len(tokens)))
+        return self._last_suppressed[1]
 
     def _generate_steps(self, tokens: list[int], sampling: Sampling, lane: int,
                         should_stop: Callable[[], bool] | None):

@@ -111,12 +111,11 @@ def _sigmoid(x: float) -> float:
 
 
 # ---- training -------------------------------------------------------------------------------
-def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float, penalised: np.ndarray,
-                 iterations: int = 100) -> np.ndarray:
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float, iterations: int = 100) -> np.ndarray:
     """L2-regularised logistic regression by Newton's method; returns weights with the intercept
-    last. `penalised` marks which feature weights the L2 term applies to (never the intercept)."""
+    last (the intercept is not penalised)."""
     x = np.hstack([features, np.ones((features.shape[0], 1))])
-    penalty = np.append(np.where(penalised, l2, 0.0), 0.0)
+    penalty = np.append(np.full(features.shape[1], l2), 0.0)
     weights = np.zeros(x.shape[1])
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-np.clip(x @ weights, -30, 30)))
@@ -149,7 +148,6 @@ def train_parameters(features: np.ndarray, labels: np.ndarray, *, folds: int = 5
     standardisation back so the result applies to the features as given."""
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
     x = (features - mean) / std
-    penalised = np.ones(features.shape[1], dtype=bool)
     order = np.random.default_rng(seed).permutation(len(labels))
     fold_of = np.empty(len(labels), dtype=int)
     fold_of[order] = np.arange(len(labels)) % folds
@@ -158,11 +156,11 @@ def train_parameters(features: np.ndarray, labels: np.ndarray, *, folds: int = 5
         loss = 0.0
         for k in range(folds):
             train, held = fold_of != k, fold_of == k
-            w = fit_logistic(x[train], labels[train], l2, penalised)
+            w = fit_logistic(x[train], labels[train], l2)
             loss += _log_loss(x[held], labels[held], w) * held.sum()
         if loss < best_loss:
             best_l2, best_loss = l2, loss
-    w = fit_logistic(x, labels, best_l2, penalised)
+    w = fit_logistic(x, labels, best_l2)
     a = w[:-1] / std
     return TrainedParameters(weights=a, bias=float(w[-1] - a @ mean), l2=best_l2)
 
