@@ -164,8 +164,6 @@ class LlamaCppEngine(Engine):
         self.tapped_lanes = tapped_lanes
 
         self.n_ctx = llama_cpp.llama_n_ctx(plain.ctx)
-        self._lane_n_ctx = [llama_cpp.llama_n_ctx(context.ctx) for context in self._lane_context]
-        self._lane_batch = [tapped_batch if context is tapped else batch_size for context in self._lane_context]
         self.n_vocab = self._model.n_vocab()
         self.n_layers = llama_cpp.llama_model_n_layer(self._model.model)
         self.hidden_size = self._model.n_embd()
@@ -236,7 +234,7 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"llama.cpp refused to truncate lane {lane} at {keep}")
 
     def lane_context_size(self, lane: int) -> int:
-        return self._lane_n_ctx[lane]
+        return self._lib.llama_n_ctx(self._lane_context[lane].ctx)
 
     def _can_share(self, src: int, dst: int) -> bool:
         return self._lane_context[src] is self._lane_context[dst]
@@ -267,10 +265,12 @@ class LlamaCppEngine(Engine):
 
     def _feed(self, lane: int, tokens: Sequence[int], start: int) -> None:
         """llama_decode the tokens in chunks, requesting output for the very last one only."""
-        if start + len(tokens) > self._lane_n_ctx[lane]:
-            raise ContextOverflow(f"{start + len(tokens)} tokens do not fit in the context of {self._lane_n_ctx[lane]}")
+        context = self._lane_context[lane]
+        n_ctx = self._lib.llama_n_ctx(context.ctx)
+        if start + len(tokens) > n_ctx:
+            raise ContextOverflow(f"{start + len(tokens)} tokens do not fit in the context of {n_ctx}")
         batch = self._batch
-        sizes = self._chunks(len(tokens), self._lane_batch[lane])
+        sizes = self._chunks(len(tokens), self._lib.llama_n_batch(context.ctx))
         offset = 0
         for index, size in enumerate(sizes):
             chunk = tokens[offset: offset + size]
