@@ -412,6 +412,11 @@ CHAT_BENCH_TOKENS = 48
 BENCH_LANE = 3  # a lane the service leaves free (see service.py), for the bench's second analyst
 
 
+def spread_evenly(items: list, count: int) -> list:
+    """`count` items spread over the list, so a quick run still covers every source and language."""
+    return [items[i * len(items) // count] for i in range(count)] if 0 < count < len(items) else items
+
+
 def cmd_bench(args, settings: Settings) -> int:
     from ..evaluation.bench import compare_methods, rss_mb
     from ..evaluation.data import DataError, load_labelled
@@ -424,10 +429,7 @@ def cmd_bench(args, settings: Settings) -> int:
         items = load_labelled(texts)
     except DataError as err:
         raise CliError(f"{err} (choose the texts with --texts FILE)") from None
-    limit = args.limit or (QUICK_TEXTS if args.quick else 0)
-    if limit and limit < len(items):
-        # An even spread over the file, so a quick run still covers every source and language.
-        items = [items[i * len(items) // limit] for i in range(limit)]
+    items = spread_evenly(items, args.limit or (QUICK_TEXTS if args.quick else 0))
     before = rss_mb()
     assistant = load_assistant(settings)
     loaded = rss_mb()
@@ -563,6 +565,7 @@ def bench_chat(args, assistant, raw) -> dict | None:
     import dataclasses
 
     from ..conversation.history import Conversation
+    from ..evaluation.data import DataError, read_jsonl
     from ..evaluation.metrics import percentile
     from ..evaluation.raw import stream_timing
 
@@ -571,12 +574,10 @@ def bench_chat(args, assistant, raw) -> dict | None:
         warn(f"no chat messages at {path}: chat timings skipped (--chat-messages FILE)")
         return None
     try:
-        messages = [json.loads(line)["message"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (ValueError, KeyError, TypeError) as err:
-        raise CliError(f"{path}: every line must be a JSON object with a 'message' ({err})") from None
-    if args.quick or args.limit:
-        count = min(len(messages), args.limit or QUICK_CHAT_MESSAGES)
-        messages = [messages[i * len(messages) // count] for i in range(count)]
+        messages = [obj["message"] for _, obj in read_jsonl(path, field="message")]
+    except DataError as err:
+        raise CliError(str(err)) from None
+    messages = spread_evenly(messages, args.limit or (QUICK_CHAT_MESSAGES if args.quick else 0))
     sampling = dataclasses.replace(assistant.default_sampling(), max_tokens=CHAT_BENCH_TOKENS)
     ours = {"sentiment": [], "first": [], "rates": []}
     theirs = {"first": [], "rates": []}
