@@ -66,10 +66,6 @@ class Response:
             self._finish()
 
 
-def head_directory(settings: Settings) -> Path:
-    return settings.resolved_home() / "heads"
-
-
 @dataclass
 class Assistant:
     engine: Engine
@@ -100,7 +96,7 @@ class Assistant:
         return assistant
 
     def head_directory(self) -> Path:
-        return head_directory(self.settings)
+        return self.settings.resolved_home() / "heads"
 
     def model_sha256(self) -> str | None:
         if self.model_path is None or not self.model_path.is_file():
