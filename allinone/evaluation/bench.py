@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .metrics import percentile
+
+
+@dataclass
+class BaselineResult:
+    """What a baseline gives per text: a label, no probability (it reads generated text)."""
+
+    label: str
+    probability: None = None
+
+
+def label_from_generated(text: str) -> BaselineResult:
+    """The original recipe's rule: positive when "Positive" appears in the generated text."""
+    return BaselineResult(label="positive" if "Positive" in text else "negative")
 
 
 def rss_mb() -> float:

@@ -4,14 +4,9 @@ looked for in the generated text. Kept only as the benchmark's baseline."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass
-class RecipeResult:
-    label: str
-    probability: None = None
+from .bench import BaselineResult, label_from_generated
 
 
 class OriginalRecipe:
@@ -25,7 +20,7 @@ class OriginalRecipe:
         self.prompt_template = prompt_template
         self.max_new_tokens = max_new_tokens
 
-    def analyze(self, text: str) -> RecipeResult:
+    def analyze(self, text: str) -> BaselineResult:
         import torch
 
         inputs = self.tokenizer(self.prompt_template.replace("{text}", text), return_tensors="pt")
@@ -33,4 +28,4 @@ class OriginalRecipe:
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                          pad_token_id=self.tokenizer.eos_token_id)
         generated = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return RecipeResult(label="positive" if "Positive" in generated else "negative")
+        return label_from_generated(generated)

@@ -8,18 +8,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from .bench import BaselineResult, label_from_generated
+
 GRAMMAR = 'root ::= " Positive" | " Negative"'
-
-
-@dataclass
-class PeerResult:
-    label: str
-    probability: None = None
 
 
 class LlamaServerPeer:
@@ -53,12 +48,12 @@ class LlamaServerPeer:
                 raise RuntimeError(f"llama-server did not become healthy within {startup_timeout:.0f} s")
             time.sleep(0.2)
 
-    def analyze(self, text: str) -> PeerResult:
+    def analyze(self, text: str) -> BaselineResult:
         reply = self.client.post(self.url + "/completion", json={
             "prompt": self.prompt_template.replace("{text}", text), "n_predict": 1, "temperature": 0,
             "grammar": GRAMMAR, "cache_prompt": True})
         reply.raise_for_status()
-        return PeerResult(label="positive" if "Positive" in reply.json().get("content", "") else "negative")
+        return label_from_generated(reply.json().get("content", ""))
 
     def warm_prefix(self) -> None:
         """Leave the server's slot holding just the prompt's fixed beginning, as our own lanes are

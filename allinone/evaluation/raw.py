@@ -10,11 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass
-class RawResult:
-    label: str
-    probability: None = None
+from .bench import BaselineResult, label_from_generated
 
 
 @dataclass
@@ -33,9 +29,9 @@ class RawLlamaCpp:
         self.llm = Llama(model_path=str(model_path), n_ctx=context_size, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
 
-    def analyze(self, text: str) -> RawResult:
+    def analyze(self, text: str) -> BaselineResult:
         out = self.llm.create_completion(self.prompt_template.replace("{text}", text), max_tokens=10, temperature=0)
-        return RawResult(label="positive" if "Positive" in out["choices"][0]["text"] else "negative")
+        return label_from_generated(out["choices"][0]["text"])
 
     def chat(self, messages: list[dict], max_tokens: int) -> StreamTiming:
         start = time.perf_counter()
