@@ -83,8 +83,9 @@ class FakeEngine(Engine):
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         return self._logits(self._run(lane, tokens, start, LAYERS))
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
-        return self.model_hidden_state(self._run(lane, tokens, start, layers), layers)
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
+                       stop: bool = True) -> np.ndarray:
+        return self.model_hidden_state(self._run(lane, tokens, start, layers if stop else LAYERS), layers)
 
     def model_hidden_state(self, history: Sequence[int], layers: int = LAYERS) -> np.ndarray:
         """What the fake model's residual stream holds after `layers` blocks at the last position."""

@@ -71,6 +71,19 @@ def test_shallow_entries_are_not_borrowed_by_a_deeper_pass_on_another_lane(analy
         engine.hidden_state(tokens, 4)
 
 
+def test_a_complete_pass_reads_the_same_state_and_leaves_full_entries(analyst):
+    engine = analyst.engine
+    tokens, _ = analyst.prompt_tokens("one pass for two roles")
+    engine.hidden_state(tokens[:5], 1)  # shallow entries at the start: a complete pass must redo them
+    hidden = engine.hidden_state(tokens, 2, complete=True)
+    assert np.allclose(hidden, engine.model_hidden_state(tokens, 2), atol=1e-6)
+    assert engine.last_stats.reused == 0
+    # Every entry is complete now: a generation that extends the tokens evaluates only its own.
+    logits = engine.logits(tokens + [ord("!")] * 3)
+    assert engine.last_stats.reused == len(tokens)
+    assert np.allclose(logits, engine.full_recompute_logits(tokens + [ord("!")] * 3))
+
+
 def test_default_depth_is_five_eighths_of_the_model():
     assert default_layers(24) == 15 and default_layers(4) == 2 and default_layers(1) == 1
 
@@ -85,7 +98,7 @@ def test_fit_logistic_separates_separable_data():
 
 def test_training_learns_what_the_prompt_does_not_know(analyst):
     texts, labels = texts_and_labels(analyst, n=200)
-    head, report = train_head(analyst, texts, labels, model_sha256="abc", layers=2)
+    head, report = train_head(analyst.reading_point(), texts, labels, model_sha256="abc", layers=2)
     assert report["layers"] == head.layers == 2
     assert report["heldout_accuracy_head"] >= 0.85
     assert report["heldout_accuracy_prompt"] < 0.75  # the prompt's margin is unrelated to the rule
@@ -101,18 +114,18 @@ def test_training_learns_what_the_prompt_does_not_know(analyst):
 def test_a_depth_outside_the_model_is_refused(analyst, layers):
     texts, labels = texts_and_labels(analyst, n=20)
     with pytest.raises(HeadError, match="layers must be in 1..3"):
-        train_head(analyst, texts, labels, model_sha256="abc", layers=layers)
+        train_head(analyst.reading_point(), texts, labels, model_sha256="abc", layers=layers)
 
 
 def test_a_head_at_the_wrong_depth_learns_nothing(analyst):
     texts, labels = texts_and_labels(analyst, n=200, layers=2)
-    _, report = train_head(analyst, texts, labels, model_sha256="abc", layers=1)
+    _, report = train_head(analyst.reading_point(), texts, labels, model_sha256="abc", layers=1)
     assert report["heldout_accuracy_head"] < 0.75
 
 
 def test_head_file_round_trip_and_lookup(tmp_path, analyst):
     texts, labels = texts_and_labels(analyst, n=40)
-    head, _ = train_head(analyst, texts, labels, model_sha256="f00d", source="mine.jsonl")
+    head, _ = train_head(analyst.reading_point(), texts, labels, model_sha256="f00d", source="mine.jsonl")
     path = head.save(tmp_path)
     assert path.name == "f00d.original.json"
     again = SentimentHead.find("f00d", "original", tmp_path)

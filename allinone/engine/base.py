@@ -7,7 +7,8 @@ An engine knows nothing of prompts, roles or conversations. It offers:
 * `generate(tokens, sampling)`: next tokens one by one, stoppable at any point;
 * `logits(tokens)`: the whole last-position logits;
 * `hidden_state(tokens, layer)`: the residual stream after the first `layer` transformer blocks at
-  the last position, computing no block above it (what a learned head reads, roles/head.py).
+  the last position, computing no block above it (what a learned head reads, roles/head.py); or,
+  with `complete=True`, computing every block, so that a generation can continue from the lane.
 
 Both compute calls go through a prefix KV cache organised in *lanes* (sequences in the KV
 memory). A lane remembers which tokens its KV entries hold; a request on a lane evaluates only
@@ -205,9 +206,10 @@ class Engine(ABC):
         """Whether lane dst can take over KV entries of lane src (backends may keep lanes apart)."""
         return True
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
-        """Evaluate tokens through the first `layers` blocks only; return the last position's
-        residual stream there."""
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
+                       stop: bool = True) -> np.ndarray:
+        """Evaluate tokens through the first `layers` blocks (all blocks unless `stop`); return
+        the last position's residual stream after block `layers`."""
         raise EngineError(f"{self.description} cannot read hidden states")
 
     def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
@@ -227,10 +229,11 @@ class Engine(ABC):
             raise EngineError(f"lane {lane} out of range 0..{self.n_lanes - 1}")
 
     def _evaluate(self, tokens: Sequence[int], lane: int, candidates: Sequence[int] | None = None,
-                  layers: int | None = None) -> np.ndarray:
+                  layers: int | None = None, complete: bool = False) -> np.ndarray:
         """Bring `lane` to hold exactly `tokens` and return the logits after the last one (only
         the candidates' logits, in their order, when candidates are given), or, with `layers`,
-        the last position's residual stream after that many blocks."""
+        the last position's residual stream after that many blocks; the pass stops there unless
+        `complete`."""
         self._check_lane(lane)
         if not tokens:
             raise EngineError("cannot evaluate an empty token sequence")
@@ -240,10 +243,11 @@ class Engine(ABC):
             raise EngineError(f"layers must be in 1..{self.n_layers - 1}, got {layers}")
         tokens = list(tokens)
         state = self._lanes[lane]
+        depth = None if complete else layers  # blocks this pass computes (None: all)
 
         def reusable(other: _Lane) -> int:
             # At least the last token must be evaluated: its output is the answer.
-            return min(common_prefix_length(other.tokens[:other.usable(layers)], tokens), len(tokens) - 1)
+            return min(common_prefix_length(other.tokens[:other.usable(depth)], tokens), len(tokens) - 1)
 
         reuse = reusable(state)
         donor, donor_reuse = None, reuse
@@ -269,13 +273,14 @@ class Engine(ABC):
         state.tokens = tokens[:reuse]
         self._clock += 1
         state.last_used = self._clock
-        if layers is not None:
+        if depth is not None:
             # Marked before decoding: an interrupted decode leaves shallow entries too.
             if state.shallow_from is None:
-                state.shallow_from, state.shallow_layers = reuse, layers
+                state.shallow_from, state.shallow_layers = reuse, depth
             else:
-                state.shallow_layers = min(state.shallow_layers, layers)
-            result = self._decode_hidden(lane, tokens[reuse:], reuse, layers)
+                state.shallow_layers = min(state.shallow_layers, depth)
+        if layers is not None:
+            result = self._decode_hidden(lane, tokens[reuse:], reuse, layers, stop=not complete)
         elif candidates is None:
             result = self._decode(lane, tokens[reuse:], reuse)
         else:
@@ -309,12 +314,16 @@ class Engine(ABC):
         """All next-token logits after `tokens` (float32, vocabulary-sized), same cache as score()."""
         return np.asarray(self._evaluate(tokens, lane), dtype=np.float32)
 
-    def hidden_state(self, tokens: Sequence[int], layers: int, *, lane: int = 0) -> np.ndarray:
+    def hidden_state(self, tokens: Sequence[int], layers: int, *, lane: int = 0,
+                     complete: bool = False) -> np.ndarray:
         """The residual stream after the first `layers` transformer blocks (1..n_layers-1) at the
         last position (float32, hidden-sized), same cache as score(). The pass stops there: the
         blocks above and the output projection are never computed, so this costs about
-        layers/n_layers of a scoring call."""
-        return np.asarray(self._evaluate(tokens, lane, layers=layers), dtype=np.float32)
+        layers/n_layers of a scoring call. With `complete`, every block still runs (no output
+        projection): the lane then holds full KV entries, and a generate() that extends these
+        tokens only evaluates its new ones. That is how one pass over a chat message serves both
+        the sentiment and the reply."""
+        return np.asarray(self._evaluate(tokens, lane, layers=layers, complete=complete), dtype=np.float32)
 
     def generate(self, tokens: Sequence[int], sampling: Sampling = Sampling(), *, lane: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> Generation:

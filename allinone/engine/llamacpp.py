@@ -37,18 +37,23 @@ TAPPED_BATCH_SIZE = 128  # tokens per forward pass in the context that reads hid
 
 
 class _LayerTap:
-    """Reads one layer's output during llama_decode and stops the pass there.
+    """Reads one layer's output during llama_decode, and stops the pass there if asked to.
 
     llama.cpp has no "run the first k blocks" call, but its graph scheduler asks an eval
     callback, node by node, whether the caller wants a node's result (ask=True); it then computes
     up to that node, hands it over (ask=False), and abandons the rest of the graph if the callback
     returns False. Block i's output node is named "l_out-i". So hidden_state(tokens, k) computes
     exactly k blocks: the blocks above and the 152k-row output projection never run, which is why
-    the head is faster than scoring. While idle the tap answers "no" to every node, but that is
-    still a Python call per node (~800 per step): it lives in a context of its own (see below).
+    the head is faster than scoring. A complete pass (stop=False) reads the node on the way and
+    goes on: the respond flow's one pass over a message for both roles.
 
-    The llama.cpp KV entries of the tokens in such a pass exist only for the first k blocks; the
-    engine's lane bookkeeping (base.py) keeps full passes away from them.
+    Once a context has a callback, every node of every pass goes through it, armed or not (~800
+    Python calls per generated token). Measured on the chat lane, 4 messages x 48 tokens, twice:
+    26.4 ms per token in a context without the tap, 26.3 with it; a C callback (tried, not kept)
+    26.5. The calls are lost in the noise of a 26 ms step.
+
+    The llama.cpp KV entries of the tokens in a stopped pass exist only for the first k blocks;
+    the engine's lane bookkeeping (base.py) keeps full passes away from them.
     """
 
     def __init__(self, n_embd: int):
@@ -69,10 +74,11 @@ class _LayerTap:
         self.n_embd = n_embd
         self.target: bytes | None = None
         self.value: np.ndarray | None = None
+        self.stop = True
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
-    def arm(self, layers: int) -> None:
-        self.target, self.value = f"l_out-{layers - 1}".encode(), None
+    def arm(self, layers: int, stop: bool = True) -> None:
+        self.target, self.value, self.stop = f"l_out-{layers - 1}".encode(), None, stop
 
     def disarm(self) -> None:
         self.target = None
@@ -87,7 +93,7 @@ class _LayerTap:
         value = np.empty(self.n_embd, dtype=np.float32)
         self._ggml.ggml_backend_tensor_get(tensor, value.ctypes.data, (n_tokens - 1) * self.n_embd * 4, self.n_embd * 4)
         self.value = value
-        return False  # abandon the rest of the graph
+        return not self.stop  # False abandons the rest of the graph
 
 
 def _init_backend(verbose: bool) -> None:
@@ -104,7 +110,7 @@ def _init_backend(verbose: bool) -> None:
 class LlamaCppEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, *, context_size: int = 4096, batch_size: int = 512,
                  threads: int | None = None, n_lanes: int = 4, verbose: bool = False,
-                 repack: bool = True, tapped_lanes: int = 1, tapped_context_size: int = 2048):
+                 repack: bool = True, tapped_lanes: int = 1, tapped_context_size: int | None = 2048):
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
@@ -145,17 +151,18 @@ class LlamaCppEngine(Engine):
         ctx_params.n_threads_batch = threads
         ctx_params.embeddings = False
         # Two contexts over the same weights (a context holds only its KV cache and scratch
-        # buffers): the lanes below `tapped_lanes` live in one that carries the layer tap, the
-        # others in one without it. An eval callback, even an idle one, is a Python call per
-        # graph node: +1 ms (~5%) per chat decode step, measured; chat lanes never pay it.
+        # buffers): the lanes below `tapped_lanes` (sentiment; chat too when the respond flow
+        # reads the sentiment on the chat lane's pass) live in one that carries the layer tap,
+        # the others (completions, the bench) in one without it.
         self._tap = _LayerTap(self._model.n_embd())
         # The tapped context is smaller, because its memory is resident too: a sentiment prompt
         # needs ~1.3k tokens at most (1,024 of text by default), so 2048 cells (KV 24 MB instead
-        # of 48 for this model), and 128-token forward passes (attention scratch 4x smaller; a
-        # dev text is ~30 tokens, and a long one pays ~20 ms per extra pass).
+        # of 48 for this model; None = context_size, for when a chat lane reads hidden states
+        # too), and 128-token forward passes (attention scratch 4x smaller; a dev text is ~30
+        # tokens, and a long one pays ~20 ms per extra pass).
         plain = self._new_context(ctx_params, verbose)
         ctx_params.cb_eval = self._tap.callback
-        ctx_params.n_ctx = min(context_size, tapped_context_size)
+        ctx_params.n_ctx = min(context_size, tapped_context_size or context_size)
         tapped_batch = min(batch_size, TAPPED_BATCH_SIZE)
         ctx_params.n_batch = ctx_params.n_ubatch = tapped_batch
         tapped = self._new_context(ctx_params, verbose) if tapped_lanes > 0 else None
@@ -263,8 +270,9 @@ class LlamaCppEngine(Engine):
         logits = self._lib.llama_get_logits_ith(self._lane_context[lane].ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 
-    def _feed(self, lane: int, tokens: Sequence[int], start: int) -> None:
-        """llama_decode the tokens in chunks, requesting output for the very last one only."""
+    def _feed(self, lane: int, tokens: Sequence[int], start: int, logits: bool = True) -> None:
+        """llama_decode the tokens in chunks, requesting output for the very last one only (for
+        none without `logits`)."""
         context = self._lane_context[lane]
         n_ctx = self._lib.llama_n_ctx(context.ctx)
         if start + len(tokens) > n_ctx:
@@ -284,16 +292,19 @@ class LlamaCppEngine(Engine):
                 batch.logits[i] = False
             # Logits only where we read them: the output projection onto 152k vocabulary rows is
             # the single most expensive matmul per token.
-            batch.logits[len(chunk) - 1] = last_chunk
+            batch.logits[len(chunk) - 1] = last_chunk and logits
             self._decode_batch(lane)
             offset += size
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
+                       stop: bool = True) -> np.ndarray:
         if lane >= self.tapped_lanes:
             raise EngineError(f"lane {lane} cannot read hidden states: only lanes below {self.tapped_lanes} can")
-        self._tap.arm(layers)
+        self._tap.arm(layers, stop)
         try:
-            self._feed(lane, tokens, start)
+            # A complete pass needs no logits: the blocks run for their KV entries, and
+            # llama.cpp skips the output projection when no position asks for output.
+            self._feed(lane, tokens, start, logits=False)
             value = self._tap.value
         finally:
             self._tap.disarm()

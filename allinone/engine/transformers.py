@@ -293,7 +293,9 @@ class TransformersEngine(Engine):
             logits = self._lm_head(hidden)
         return logits.float().numpy().copy()
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int) -> np.ndarray:
+    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
+                       stop: bool = True) -> np.ndarray:
+        # Every block runs here anyway (see _hidden_last), so the lane is complete either way.
         return self._hidden_last(lane, tokens, start, layers).float().numpy().copy()
 
     def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
