@@ -21,8 +21,8 @@ from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_t
 from .settings import Settings
 
 # Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix.
-SENTIMENT_LANE = 0  # the llama.cpp engine's one lane that can read hidden states (tapped_lanes=1)
-CHAT_LANE = 1
+SENTIMENT_LANE = 0  # the llama.cpp engine's lanes below `tapped_lanes` can read hidden states
+CHAT_LANE = 1  # ... and so can this one when the respond flow shares its prefill (settings.shared_prefill)
 COMPLETION_LANE = 2  # raw chat completions (OpenAI-style messages)
 
 
@@ -66,6 +66,25 @@ class Response:
             self._finish()
 
 
+def heads_directory(settings: Settings) -> Path:
+    """Where the user's own heads live (they win over the packaged ones)."""
+    return settings.resolved_home() / "heads"
+
+
+def find_heads(settings: Settings, model_sha: str | None) -> tuple[SentimentHead | None, SentimentHead | None]:
+    """The learned heads for this model, if any (settings.sentiment_head off: none): the
+    analyst's, for its sentiment prompt, and, with shared_prefill, the chat prompt's."""
+    if not (settings.sentiment_head and model_sha):
+        return None, None
+    directory = heads_directory(settings)
+    head = SentimentHead.find(model_sha, settings.sentiment_prompt, directory)
+    chat = chat_prompt(settings.chat_prompt)
+    chat_head = None
+    if settings.shared_prefill and chat.sentiment_follows_message:
+        chat_head = SentimentHead.find(model_sha, chat.head_key, directory)
+    return head, chat_head
+
+
 @dataclass
 class Assistant:
     engine: Engine
@@ -73,6 +92,9 @@ class Assistant:
     model_path: Path | None = None
     load_seconds: float = 0.0
     head: SentimentHead | None = None
+    # Reads the sentiment at the end of the user's message on the chat lane's own pass (see
+    # respond); None = the respond flow asks the analyst, on a pass of its own.
+    chat_head: SentimentHead | None = None
 
     def __post_init__(self):
         s = self.settings
@@ -82,36 +104,44 @@ class Assistant:
                              reply_max_tokens=s.reply_max_tokens)
 
     @classmethod
-    def load(cls, settings: Settings | None = None) -> "Assistant":
+    def load(cls, settings: Settings | None = None, *, chat_lane_reads_hidden_states: bool = False) -> "Assistant":
+        """`chat_lane_reads_hidden_states`: even without a chat head (to train one)."""
         settings = settings or Settings()
         path = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
         start = time.perf_counter()
+        sha = model_sha256(path, settings.resolved_home()) if path.is_file() else None
+        head, chat_head = find_heads(settings, sha)
+        # The chat lane reads hidden states only when a chat head is there to use them: an
+        # idle tap still costs every decode step a Python call per graph node (llamacpp.py).
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
                              batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
-                             repack=settings.repack)
+                             repack=settings.repack,
+                             hidden_state_lanes=CHAT_LANE + 1 if chat_head or chat_lane_reads_hidden_states
+                             else SENTIMENT_LANE + 1)
         assistant = cls(engine=engine, settings=settings, model_path=path)
-        if settings.sentiment_head:
-            assistant.attach_head()
+        assistant.use_heads(head, chat_head)
         assistant.load_seconds = time.perf_counter() - start
         return assistant
 
     def head_directory(self) -> Path:
-        return self.settings.resolved_home() / "heads"
+        return heads_directory(self.settings)
 
     def model_sha256(self) -> str | None:
         if self.model_path is None or not self.model_path.is_file():
             return None  # a Hugging Face directory: no single file to key a head by
         return model_sha256(self.model_path, self.settings.resolved_home())
 
-    def attach_head(self) -> SentimentHead | None:
-        """Use the learned head for this model and sentiment prompt, if there is one."""
-        sha = self.model_sha256()
-        head = SentimentHead.find(sha, self.analyst.prompt.name, self.head_directory()) if sha else None
-        if head is not None:
-            head.check_fits(self.engine.n_layers, self.engine.hidden_size)
+    def use_heads(self, head: SentimentHead | None, chat_head: SentimentHead | None) -> None:
+        for h in (head, chat_head):
+            if h is not None:
+                h.check_fits(self.engine.n_layers, self.engine.hidden_size)
+        self.head, self.chat_head = head, chat_head
         self.analyst.use_head(head)
-        self.head = head
-        return head
+
+    def attach_head(self) -> SentimentHead | None:
+        """Look the heads up again (after training one) and use them; returns the analyst's."""
+        self.use_heads(*find_heads(self.settings, self.model_sha256()))
+        return self.head
 
     def default_sampling(self) -> Sampling:
         s = self.settings
@@ -128,16 +158,31 @@ class Assistant:
         raise ValueError(f"unknown method {method!r} (score, prompt or seed)")
 
     def respond(self, conversation: Conversation, message: str, *, sampling: Sampling | None = None,
-                should_stop: Callable[[], bool] | None = None) -> Response:
-        """Sentiment first (available on the returned object at once), then the reply as a stream."""
+                should_stop: Callable[[], bool] | None = None, shared_prefill: bool = True) -> Response:
+        """Sentiment first (available on the returned object at once), then the reply as a stream.
+
+        With a chat head (settings.shared_prefill), the message is evaluated once: the chat lane's
+        pass over the conversation up to the message's end runs every block (its KV entries are
+        what the reply continues from) and the head reads part-way up on the way; the reply then
+        costs only the tag and the turn markers after the message. Otherwise the analyst scores
+        the message on its own lane first and the chat lane evaluates it a second time.
+        `shared_prefill=False` forces the latter (the bench compares the two)."""
         validate_text(message, self.settings.max_text_chars)
-        sentiment = self.analyst.analyze(message)
         sampling = sampling or self.default_sampling()
         if self.settings.reply_in_script:
             sampling = dataclasses.replace(sampling, suppress_tokens=sampling.suppress_tokens
                                            | self.chat.script_guard(message))
+        turns = conversation.turns
+        cached = None  # prompt tokens this respond did not evaluate: known after its first pass
+        if self.chat_head is not None and shared_prefill:
+            probe, dropped, message_end = self.chat.prompt_tokens(turns, message, None, sampling.max_tokens)
+            sentiment = self._sentiment_on_the_chat_pass(probe[:message_end])
+            cached = self.engine.last_stats.reused
+            tokens, _, _ = self.chat.prompt_tokens(turns[dropped:], message, sentiment.label, sampling.max_tokens)
+        else:
+            sentiment = self.analyst.analyze(message)
+            tokens, dropped, _ = self.chat.prompt_tokens(turns, message, sentiment.label, sampling.max_tokens)
         user_content = self.chat.user_content(message, sentiment.label)
-        tokens, dropped = self.chat.prompt_tokens(conversation.turns, user_content, sampling.max_tokens)
         if dropped:
             del conversation.turns[:dropped]
         stats = ReplyStats(prompt_tokens=len(tokens), dropped_turns=dropped)
@@ -148,7 +193,7 @@ class Assistant:
             for delta in stream:
                 if stats.time_to_first_token_ms is None:
                     stats.time_to_first_token_ms = (time.perf_counter() - start) * 1000
-                    stats.cached_tokens = self.engine.last_stats.reused
+                    stats.cached_tokens = self.engine.last_stats.reused if cached is None else cached
                 yield delta
 
         def finish():
@@ -159,6 +204,12 @@ class Assistant:
                                            user_content=user_content, reply=stream.text))
 
         return Response(sentiment, deltas(), finish, stats)
+
+    def _sentiment_on_the_chat_pass(self, tokens: list[int]) -> Sentiment:
+        start = time.perf_counter()
+        hidden = self.engine.hidden_state(tokens, self.chat_head.layers, lane=CHAT_LANE, complete=True)
+        return Sentiment.from_positive(self.chat_head.positive_probability(hidden),
+                                       (time.perf_counter() - start) * 1000)
 
     def complete(self, messages: Sequence[dict], *, sampling: Sampling | None = None, stop: Sequence[str] = (),
                  should_stop: Callable[[], bool] | None = None) -> tuple[TextStream, int]:

@@ -29,7 +29,12 @@ class Settings(BaseSettings):
                                            "kernels (Q4_0, IQ4_NL, Q4_K tensors).")
     sentiment_head: bool = Field(True, description="Decide sentiment with a learned head when one exists for this "
                                                    "model and prompt (packaged, or made by `allinone train-head`); "
-                                                   "off = the prompt's two label tokens alone.")
+                                                   "off = the prompt's two label tokens alone (and no shared prefill).")
+    shared_prefill: bool = Field(True, description="Respond flow: evaluate the user's message once for both roles. "
+                                                   "The chat lane's pass over the message also yields the sentiment, "
+                                                   "read by a head trained at the end of the message in the chat "
+                                                   "prompt (packaged, or `allinone train-head --role chat`); without "
+                                                   "one, the analyst scores the message on a pass of its own.")
     engine: Literal["auto", "llamacpp", "transformers"] = Field(
         "auto", description="Inference engine; 'auto' picks llama.cpp for .gguf files and transformers "
                             "(PyTorch, the optional extra) for a Hugging Face directory with config.json.")

@@ -163,6 +163,8 @@ def test_eval_chat_reports_pass_rate_and_writes_replies(cli_env, tmp_path):
     report = json.loads(stdout)
     assert report["n"] == 2 and 0.0 <= report["pass_rate"] <= 1.0
     assert set(report["pass_rate_by_lang"]) == {"zh", "en"}
+    assert report["shared_prefill"] and report["sentiment_accuracy"] == 1.0  # two clear messages
+    assert 0 < report["sentiment_ms"]["p50"] < report["time_to_first_token_ms"]["p50"]
     replies = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in replies] == ["a", "b"]
     assert all(r["reply"].strip() and isinstance(r["failures"], list) for r in replies)
@@ -259,6 +261,30 @@ def test_train_head_learns_from_a_small_file_and_changes_predictions(cli_env, tm
     assert [json.loads(line)["label"] for line in out.splitlines()] == ["negative", "positive"], err
     code, out, err = run(["analyze", "--json", "--sentiment-head", "false", *probe], env)
     assert [json.loads(line)["label"] for line in out.splitlines()] == before
+
+
+def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_env, tmp_path):
+    env = home_with_models(tmp_path, cli_env)
+    flipped = {"positive": "negative", "negative": "positive"}
+    data = tmp_path / "mine.jsonl"
+    write_jsonl(data, [{"text": t, "label": flipped[l]} for t, l in TRAIN_TEXTS])
+    chat_input = "今天的实验终于成功了,太棒了!\nThe service was slow and the food was cold.\n"
+
+    def detected(*flags):
+        code, out, err = run(["chat", "--reply-max-tokens", "4", *flags], env, stdin=chat_input)
+        assert code == 0, err
+        return [line.split(": ")[1] for line in out.splitlines() if "LLM 情感判断" in line]
+
+    assert detected() == ["正面", "负面"]  # the packaged chat head
+    code, out, err = run(["train-head", str(data), "--role", "chat", "--json", "--quiet"], env, timeout=900)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["reads"] == "chat-warm" and report["heldout_accuracy_prompt"] is None
+    assert (tmp_path / "home" / "heads" / report["head"].rsplit("/", 1)[-1]).is_file()
+    assert detected() == ["负面", "正面"]  # the user's head, trained on inverted labels, wins
+    assert detected("--shared-prefill", "false") == ["正面", "负面"]  # the analyst's head, on its own pass
+    code, _, err = run(["train-head", str(data), "--role", "chat", "--chat-prompt", "original"], env)
+    assert code == 2 and "puts the sentiment tag before the message" in err
 
 
 @pytest.mark.parametrize("rows, message", [

@@ -17,7 +17,7 @@ from allinone.roles.template import ChatTemplate
 
 ENGINES = ["transformers-tiny", "llamacpp-default"]
 # Lanes 0-2 are the service's (sentiment, chat, completion); the tests use all four. On llama.cpp,
-# lane 0 lives in a context of its own (the one that can read hidden states).
+# lanes 0 and 1 live in a context of their own (the one that can read hidden states).
 
 
 @pytest.fixture(params=ENGINES)
@@ -98,23 +98,25 @@ def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
                                    err_msg=f"{cached} tokens after the cached prefix")
 
 
-def test_borrowed_prefix_from_another_lane_scores_the_same(engine):
-    # Lanes 1-3: llama.cpp keeps lane 0 (hidden states) in a context of its own.
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=1)
+@pytest.mark.parametrize("donor, borrower", [(0, 1), (2, 3)])
+def test_borrowed_prefix_from_another_lane_scores_the_same(engine, donor, borrower):
+    # On llama.cpp, lanes 0-1 share the context that reads hidden states, lanes 2-3 the other one.
+    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=donor)
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     other, _ = analyst.prompt_tokens("The room was dirty and loud.")
-    engine.score(tokens, analyst.candidates, lane=1)
-    borrowed = engine.score(tokens, analyst.candidates, lane=2)
+    engine.score(tokens, analyst.candidates, lane=donor)
+    borrowed = engine.score(tokens, analyst.candidates, lane=borrower)
     assert engine.last_stats.reused >= len(tokens) - 8  # llama.cpp re-evaluates 8 (see llamacpp.py)
-    partly = engine.score(other, analyst.candidates, lane=3)
+    assert engine.lane_tokens(donor) == tokens  # the donor keeps its content
+    engine.forget(borrower)
+    partly = engine.score(other, analyst.candidates, lane=borrower)
     assert engine.last_stats.reused >= len(analyst._before) - 8
-    assert engine.lane_tokens(1) == tokens  # the donor keeps its content
-    again = engine.score(tokens, analyst.candidates, lane=1)
+    again = engine.score(tokens, analyst.candidates, lane=donor)
     engine.forget()
-    np.testing.assert_allclose(borrowed, engine.score(tokens, analyst.candidates, lane=2), atol=1e-3)
+    np.testing.assert_allclose(borrowed, engine.score(tokens, analyst.candidates, lane=borrower), atol=1e-3)
     np.testing.assert_allclose(again, borrowed, atol=1e-3)
     engine.forget()
-    np.testing.assert_allclose(partly, engine.score(other, analyst.candidates, lane=3), atol=1e-3)
+    np.testing.assert_allclose(partly, engine.score(other, analyst.candidates, lane=borrower), atol=1e-3)
 
 
 # ---- generation ---------------------------------------------------------------------------------

@@ -87,18 +87,41 @@ def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant):
     np.testing.assert_allclose(analyst.label_logprobs(texts[-1])[0], full_after_shallow, atol=1e-3)
 
 
-def test_only_the_sentiment_lane_reads_hidden_states(assistant):
-    """Lane 0 lives in the llama.cpp context that carries the layer tap (smaller, see
-    llamacpp.py); the chat lanes do not, so they never pay the callback's per-node cost."""
+def test_only_the_tapped_lanes_read_hidden_states(assistant):
+    """Lanes 0 (sentiment) and 1 (chat, whose pass over a message also yields its sentiment) live
+    in the llama.cpp context that carries the layer tap (see llamacpp.py); the completion lanes
+    do not, so they never pay the callback's per-node cost."""
     from allinone.engine.base import EngineError
 
     engine = assistant.engine
     tokens = engine.tokenize("Not bad at all.") * 3
-    assert engine.lane_context_size(0) == 2048 and engine.lane_context_size(1) == engine.n_ctx
+    assert engine.tapped_lanes == 2 and engine.lane_context_size(1) == engine.n_ctx
     with pytest.raises(EngineError, match="cannot read hidden states"):
-        engine.hidden_state(tokens, 15, lane=1)
+        engine.hidden_state(tokens, 15, lane=2)
     assert engine.hidden_state(tokens, 15, lane=0).shape == (engine.hidden_size,)
-    assert assistant.analyst.max_text_tokens <= 2048 - len(assistant.analyst._before)
+
+
+def test_one_pass_for_both_roles_replies_as_a_fresh_evaluation_does(assistant):
+    """The respond flow reads the sentiment on the chat lane's complete pass over the message and
+    the reply continues from those KV entries: it must be the reply a fresh evaluation of the
+    whole prompt gives, and block 15 read on a complete pass must be block 15 of a stopped one."""
+    engine, chat = assistant.engine, assistant.chat
+    assert assistant.chat_head is not None and assistant.chat_head.prompt == "chat-warm"
+    message = "考研成绩出来了,比预期高了二十分!"
+    sampling = Sampling(max_tokens=24)
+    engine.forget()
+    response = assistant.respond(Conversation(), message, sampling=sampling)
+    reply = response.text()
+    assert response.sentiment.label == "positive" and reply.strip()
+    tokens, _, end = chat.prompt_tokens([], message, "positive", 24)
+    assert response.stats.prompt_tokens == len(tokens)
+    engine.forget()
+    assert engine.detokenize(list(engine.generate(tokens, sampling, lane=1))) == reply
+    engine.forget()
+    stopped = engine.hidden_state(tokens[:end], 15, lane=1)
+    engine.forget()
+    complete = engine.hidden_state(tokens[:end], 15, lane=1, complete=True)
+    np.testing.assert_allclose(stopped, complete, atol=1e-4)
 
 
 def test_long_prompts_are_chunked_without_small_batches(assistant):
@@ -113,17 +136,17 @@ def test_borrowed_prefix_from_another_lane_scores_the_same(assistant):
     engine, analyst = assistant.engine, assistant.analyst
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     engine.forget()
-    engine.score(tokens, analyst.candidates, lane=1)
-    borrowed = engine.score(tokens, analyst.candidates, lane=2)  # lanes 1 and 2 share a llama.cpp context
+    engine.score(tokens, analyst.candidates, lane=2)
+    borrowed = engine.score(tokens, analyst.candidates, lane=3)  # lanes 2 and 3 share a llama.cpp context
     assert engine.last_stats.reused == len(tokens) - 8  # see "Batch invariance" in llamacpp.py
     engine.forget()
-    fresh = engine.score(tokens, analyst.candidates, lane=2)
+    fresh = engine.score(tokens, analyst.candidates, lane=3)
     np.testing.assert_allclose(borrowed, fresh, atol=1e-3)
 
 
 def test_streamed_text_equals_non_streamed_greedy_text(assistant):
     engine, chat = assistant.engine, assistant.chat
-    tokens, _ = chat.prompt_tokens([], chat.user_content("周末和朋友去爬山了,风景很美。", "positive"), 48)
+    tokens, _, _ = chat.prompt_tokens([], "周末和朋友去爬山了,风景很美。", "positive", 48)
     sampling = Sampling(max_tokens=48)
     stream = TextStream(engine.token_bytes, engine.generate(tokens, sampling, lane=1))
     streamed = "".join(stream)
@@ -152,11 +175,11 @@ def test_history_trimming_keeps_system_prompt_and_newest_turns(assistant):
     for message in ["第一件事:我丢了钥匙。", "第二件事:我找到了钥匙。", "第三件事:门还是打不开。"]:
         assistant.respond(conversation, message, sampling=Sampling(max_tokens=24)).text()
     chat = assistant.chat
-    full, dropped = chat.prompt_tokens(conversation.turns, chat.user_content("然后呢?", "negative"), 64)
+    full, dropped, _ = chat.prompt_tokens(conversation.turns, "然后呢?", "negative", 64)
     assert dropped == 0
     # one token short of room: the oldest turns go (with some slack), the newest stay
     reply_budget = assistant.engine.n_ctx - (len(full) - 1)
-    tokens, dropped = chat.prompt_tokens(conversation.turns, chat.user_content("然后呢?", "negative"), reply_budget)
+    tokens, dropped, _ = chat.prompt_tokens(conversation.turns, "然后呢?", "negative", reply_budget)
     assert 1 <= dropped < 3
     assert len(tokens) <= assistant.engine.n_ctx - reply_budget
     text = assistant.engine.detokenize(tokens)

@@ -1,5 +1,8 @@
 """Roles, conversation trimming and the respond flow on the fake engine."""
 
+import math
+
+import numpy as np
 import pytest
 
 from allinone.conversation.history import Conversation, Turn, fit_turns
@@ -91,7 +94,8 @@ def test_second_turn_reuses_the_first_turns_cache():
     assistant.respond(conversation, "first message").text()
     response = assistant.respond(conversation, "second message")
     response.text()
-    first_turn_tokens = assistant.chat.prompt_tokens([], conversation.turns[0].user_content, 256)[0]
+    first = conversation.turns[0]
+    first_turn_tokens = assistant.chat.prompt_tokens([], first.message, first.sentiment, 256)[0]
     assert response.stats.cached_tokens >= len(first_turn_tokens)
 
 
@@ -112,7 +116,7 @@ def test_history_is_trimmed_from_the_oldest_turn_and_system_prompt_stays():
     conversation = Conversation()
     for i in range(12):
         assistant.respond(conversation, f"message number {i} " + "blah " * 10).text()
-    tokens, dropped = assistant.chat.prompt_tokens(conversation.turns, "next", 64)
+    tokens, dropped, _ = assistant.chat.prompt_tokens(conversation.turns, "next", "positive", 64)
     assert len(tokens) <= assistant.engine.n_ctx - 64
     assert conversation.turns[-1].message.startswith("message number 11")
     assert len(conversation.turns) < 12
@@ -162,3 +166,84 @@ def test_a_reply_to_an_english_message_cannot_use_east_asian_characters():
     assert "谢谢" in "".join(assistant.respond(Conversation(), "谢谢你听我说。"))  # Chinese: no guard
     unguarded = make_assistant(reply_in_script=False)
     assert "谢谢" in "".join(unguarded.respond(Conversation(), "Thanks for listening, I feel better."))
+
+
+# ---- one prefill for both roles ------------------------------------------------------------------
+
+def with_chat_head(assistant, layers=2):
+    """Attach a chat head (random weights) to a fake-engine assistant, as attach_head would."""
+    from allinone.roles.head import SentimentHead
+
+    weights = np.random.default_rng(5).normal(size=assistant.engine.hidden_size)
+    assistant.chat_head = SentimentHead(model_sha256="fake", prompt=assistant.chat.prompt.head_key, layers=layers,
+                                        weights=weights, bias=0.0)
+    return assistant
+
+
+def test_tokens_up_to_the_message_end_do_not_depend_on_the_sentiment():
+    assistant = make_assistant()
+    conversation = Conversation()
+    assistant.respond(conversation, "第一条消息").text()
+    chat = assistant.chat
+    unknown, _, end = chat.prompt_tokens(conversation.turns, "I passed!", None, 64)
+    for label in ("positive", "negative"):
+        tokens, dropped, label_end = chat.prompt_tokens(conversation.turns, "I passed!", label, 64)
+        assert label_end == end and tokens[:end] == unknown[:end] and dropped == 0
+        assert assistant.engine.detokenize(tokens[:end]).endswith("I passed!")
+    assert chat.prompt.sentiment_follows_message
+    assert not make_assistant(chat_prompt="original").chat.prompt.sentiment_follows_message
+
+
+def test_shared_prefill_reads_the_sentiment_on_the_chat_lane_and_evaluates_the_message_once():
+    shared = with_chat_head(make_assistant())
+    shared.chat.warm_prefix()
+    before = shared.engine.decoded_tokens
+    response = shared.respond(Conversation(), "我升职了!")
+    assert response.text() == "谢谢你的分享!"
+    probe, _, end = shared.chat.prompt_tokens([], "我升职了!", None, 256)
+    hidden = shared.engine.model_hidden_state(probe[:end], 2).astype(np.float32)  # as engines return it
+    expected = shared.chat_head.positive_probability(hidden)
+    assert response.sentiment.label == ("positive" if expected >= 0.5 else "negative")
+    assert math.isclose(response.sentiment.probability, max(expected, 1 - expected))
+    shared_cost = shared.engine.decoded_tokens - before
+
+    # The same message with two passes: the analyst's pass, then the chat lane evaluates it again.
+    two = make_assistant()
+    two.chat.warm_prefix()
+    two.analyst.warm_prefix()
+    before = two.engine.decoded_tokens
+    assert two.respond(Conversation(), "我升职了!").text() == "谢谢你的分享!"
+    message_tokens = len(two.engine.tokenize("我升职了!"))
+    assert two.engine.decoded_tokens - before >= shared_cost + message_tokens
+
+
+def test_shared_prefill_second_turn_reuses_the_first_and_can_be_turned_off_per_call():
+    assistant = with_chat_head(make_assistant())
+    conversation = Conversation()
+    first = assistant.respond(conversation, "第一条")
+    first.text()
+    second = assistant.respond(conversation, "第二条")
+    second.text()
+    assert second.stats.cached_tokens >= first.stats.prompt_tokens  # counted before the shared pass
+    assert [t.message for t in conversation.turns] == ["第一条", "第二条"]
+    third = assistant.respond(conversation, "第三条", shared_prefill=False)
+    assert third.text() == "谢谢你的分享!"
+    assert assistant.engine.last_stats.reused > 0
+
+
+def test_chat_head_needs_the_tag_after_the_message(tmp_path):
+    from allinone.roles.head import SentimentHead
+
+    for chat_prompt, expect_head in (("warm", True), ("original", False)):
+        assistant = make_assistant(chat_prompt=chat_prompt)
+        assistant.settings = assistant.settings.model_copy(update={"home": tmp_path})
+        assistant.model_sha256 = lambda: "f00d"
+        SentimentHead(model_sha256="f00d", prompt=assistant.chat.prompt.head_key, layers=2,
+                      weights=np.zeros(assistant.engine.hidden_size), bias=0.0).save(tmp_path / "heads")
+        assistant.attach_head()
+        assert (assistant.chat_head is not None) == expect_head
+        off = make_assistant(chat_prompt=chat_prompt, shared_prefill=False)
+        off.settings = off.settings.model_copy(update={"home": tmp_path})
+        off.model_sha256 = lambda: "f00d"
+        off.attach_head()
+        assert off.chat_head is None

@@ -54,14 +54,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
 
 
-def load_assistant(settings: Settings):
+def load_assistant(settings: Settings, **options):
     from ..engine.base import EngineError
     from ..model.store import ModelError
     from ..roles.head import HeadError
     from ..service import Assistant
 
     try:
-        return Assistant.load(settings)
+        return Assistant.load(settings, **options)
     except (ModelError, EngineError, HeadError) as err:
         raise CliError(str(err), EXIT_FAILURE) from None
 
@@ -326,30 +326,42 @@ def cmd_train_head(args, settings: Settings) -> int:
         raise CliError(str(err)) from None
     if not 0.05 <= args.holdout <= 0.5:
         raise CliError("--holdout must be between 0.05 and 0.5")
-    assistant = load_assistant(settings.model_copy(update={"sentiment_head": False}))
+    assistant = load_assistant(settings.model_copy(update={"sentiment_head": False}),
+                               chat_lane_reads_hidden_states=args.role == "chat")
     sha = assistant.model_sha256()
     if sha is None:
         raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
+    if args.role == "chat" and not assistant.chat.prompt.sentiment_follows_message:
+        raise CliError(f"the {settings.chat_prompt!r} chat prompt puts the sentiment tag before the message: "
+                       "no head can read the message's sentiment before the tag is chosen")
+    point = assistant.analyst.reading_point() if args.role == "sentiment" else assistant.chat.reading_point()
     labels = [item["label"] for item in items]
-    with progress_bar(total=len(items) + heldout_count(labels, args.holdout),
-                      desc="train-head (hidden states, then held-out prompt scores)",
+    total = len(items) + (heldout_count(labels, args.holdout) if point.prompt_alone else 0)
+    with progress_bar(total=total, desc=f"train-head {point.key} (hidden states"
+                                        f"{', then held-out prompt scores' if point.prompt_alone else ''})",
                       disable=args.quiet) as bar:
         try:
-            head, report = train_head(assistant.analyst, [item["text"] for item in items], labels, model_sha256=sha,
+            head, report = train_head(point, [item["text"] for item in items], labels, model_sha256=sha,
                                       layers=args.layers, holdout=args.holdout, progress=bar.update,
                                       source=Path(args.data).name)
         except HeadError as err:
             raise CliError(str(err)) from None
     path = head.save(Path(args.output_dir) if args.output_dir else assistant.head_directory())
-    report.update({"head": str(path), "model_sha256": sha, "sentiment_prompt": head.prompt})
+    report.update({"head": str(path), "model_sha256": sha, "reads": head.prompt})
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
+        prompt_alone = report["heldout_accuracy_prompt"]
         print(f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
-              f"{report['heldout_accuracy_head']:.3f}, prompt alone {report['heldout_accuracy_prompt']:.3f} "
-              f"(after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)")
-        print(f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
-              f"(--sentiment-head false turns it off)")
+              f"{report['heldout_accuracy_head']:.3f}"
+              + (f", prompt alone {prompt_alone:.3f}" if prompt_alone is not None else "")
+              + f" (after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)")
+        if args.role == "chat":
+            print(f"saved {path}; the respond flow reads the sentiment with it from now on, with this model "
+                  f"and the {settings.chat_prompt!r} chat prompt (--shared-prefill false turns it off)")
+        else:
+            print(f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
+                  f"(--sentiment-head false turns it off)")
     return 0
 
 
@@ -371,21 +383,30 @@ def cmd_eval_chat(args, settings: Settings) -> int:
     if args.method == "seed":  # the original format as it was: no script guard either
         settings = settings.model_copy(update={"chat_prompt": "original", "reply_in_script": False})
     assistant = load_assistant(settings)
-    rows, ttft = [], []
+    rows, ttft, sentiment_ms = [], [], []
     with progress_bar(total=len(items), desc=f"eval-chat ({settings.chat_prompt})", disable=args.quiet) as bar:
         for item in items:
+            # Both times from the message's arrival: with a shared prefill the reply's first token
+            # comes sooner but the sentiment later than with two passes, so neither alone compares.
+            start = time.perf_counter()
             response = assistant.respond(Conversation(), item["message"])
-            reply = response.text()
+            sentiment_ms.append((time.perf_counter() - start) * 1000)
+            deltas = iter(response)
+            first = next(deltas, "")
+            ttft.append((time.perf_counter() - start) * 1000)
+            reply = first + "".join(deltas)
             failures = check_reply(item["message"], reply, item["lang"], item["sentiment"])
-            ttft.append(response.stats.time_to_first_token_ms or 0.0)
             rows.append({**item, "reply": reply, "detected": response.sentiment.label, "failures": failures,
-                         "time_to_first_token_ms": round(ttft[-1], 1)})
+                         "sentiment_ms": round(sentiment_ms[-1], 1), "time_to_first_token_ms": round(ttft[-1], 1)})
             bar.update(1)
     by_lang = {lang: sum(not r["failures"] for r in rows if r["lang"] == lang) / max(1, sum(r["lang"] == lang for r in rows))
                for lang in ("zh", "en")}
     report = {"n": len(rows), "chat_prompt": settings.chat_prompt,
               "pass_rate": sum(not r["failures"] for r in rows) / len(rows), "pass_rate_by_lang": by_lang,
               "failures": dict(Counter(kind for r in rows for kind in r["failures"]).most_common()),
+              "sentiment_accuracy": sum(r["detected"] == r["sentiment"] for r in rows) / len(rows),
+              "shared_prefill": assistant.chat_head is not None,
+              "sentiment_ms": {"p50": percentile(sentiment_ms, 50), "p95": percentile(sentiment_ms, 95)},
               "time_to_first_token_ms": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)}}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
@@ -395,7 +416,8 @@ def cmd_eval_chat(args, settings: Settings) -> int:
         print(json.dumps(report, ensure_ascii=False))
     else:
         print(f"pass rate {report['pass_rate']:.2f} (zh {by_lang['zh']:.2f}, en {by_lang['en']:.2f}) "
-              f"with chat prompt {settings.chat_prompt!r}; time to first token p50 "
+              f"with chat prompt {settings.chat_prompt!r}; sentiment right for {report['sentiment_accuracy']:.2f}; "
+              f"from the message, p50: sentiment {report['sentiment_ms']['p50']:.0f} ms, first reply token "
               f"{report['time_to_first_token_ms']['p50']:.0f} ms")
         for kind, count in report["failures"].items():
             print(f"  {kind:<18} {count}")
@@ -555,13 +577,21 @@ def cmd_bench(args, settings: Settings) -> int:
                   f"tokens/s" + (f"; plain llama-cpp-python on the same chat prompt: first token after "
                                  f"{theirs['first_token_ms_p50']:.0f} ms, {theirs['decode_tokens_per_s']:.1f} tokens/s"
                                  if theirs else ""))
+            if "two_passes" in chat:
+                two = chat["two_passes"]
+                print(f"the same flow with two passes over the message (analyst, then chat lane): sentiment after "
+                      f"{two['sentiment_ms_p50']:.0f} ms, first reply token after {two['first_token_ms_p50']:.0f} ms, "
+                      f"{two['decode_tokens_per_s']:.1f} tokens/s")
     return 0
 
 
 def bench_chat(args, assistant, raw) -> dict | None:
     """Chat timings, each message a new conversation: our respond flow (sentiment, then the
-    reply) and, unless --no-raw, plain llama-cpp-python streaming a reply to the very same chat
-    prompt (the messages our chat role builds), greedy, at most CHAT_BENCH_TOKENS tokens each."""
+    reply); when it shares one prefill for both roles, also the same flow with two passes (the
+    analyst's, then the chat lane's), alternating which goes first; and, unless --no-raw, plain
+    llama-cpp-python streaming a reply to the very same chat prompt. Greedy, at most
+    CHAT_BENCH_TOKENS tokens each. Before each of our runs the chat lane holds just the prompt's
+    fixed beginning, as it would for any new conversation."""
     import dataclasses
 
     from ..conversation.history import Conversation
@@ -579,32 +609,40 @@ def bench_chat(args, assistant, raw) -> dict | None:
         raise CliError(str(err)) from None
     messages = spread_evenly(messages, args.limit or (QUICK_CHAT_MESSAGES if args.quick else 0))
     sampling = dataclasses.replace(assistant.default_sampling(), max_tokens=CHAT_BENCH_TOKENS)
-    ours = {"sentiment": [], "first": [], "rates": []}
+    shared = assistant.chat_head is not None
+    flows = ["ours", "two_passes"] if shared else ["ours"]
+    timings = {flow: {"sentiment": [], "first": [], "rates": []} for flow in flows}
     theirs = {"first": [], "rates": []}
+
+    def run(flow: str, message: str) -> str:
+        assistant.chat.warm_prefix()
+        start = time.perf_counter()
+        response = assistant.respond(Conversation(), message, sampling=sampling, shared_prefill=flow == "ours")
+        timings[flow]["sentiment"].append((time.perf_counter() - start) * 1000)
+        first = None
+        for _ in response:
+            if first is None:
+                first = time.perf_counter()
+        timing = stream_timing(start, first, time.perf_counter(), response.stats.completion_tokens)
+        timings[flow]["first"].append(timing.first_token_ms)
+        timings[flow]["rates"].append(timing.decode_tokens_per_s)
+        return response.sentiment.label
+
     with progress_bar(total=len(messages), desc="bench (chat: respond flow, plain llama-cpp-python)",
                       disable=args.quiet) as bar:
-        for message in messages:
-            start = time.perf_counter()
-            response = assistant.respond(Conversation(), message, sampling=sampling)
-            ours["sentiment"].append((time.perf_counter() - start) * 1000)
-            first = None
-            for _ in response:
-                if first is None:
-                    first = time.perf_counter()
-            timing = stream_timing(start, first, time.perf_counter(), response.stats.completion_tokens)
-            ours["first"].append(timing.first_token_ms)
-            ours["rates"].append(timing.decode_tokens_per_s)
+        for index, message in enumerate(messages):
+            labels = {flow: run(flow, message) for flow in (flows if index % 2 == 0 else flows[::-1])}
             if raw:
-                chat_messages = assistant.chat.messages([], assistant.chat.user_content(message, response.sentiment.label))
-                timing = raw.chat(chat_messages, CHAT_BENCH_TOKENS)
+                timing = raw.chat(assistant.chat.text_messages([], message, labels["ours"]), CHAT_BENCH_TOKENS)
                 theirs["first"].append(timing.first_token_ms)
                 theirs["rates"].append(timing.decode_tokens_per_s)
             bar.update(1)
     median = lambda values: percentile(values, 50)  # noqa: E731
+    summary = {flow: {"sentiment_ms_p50": median(t["sentiment"]), "first_token_ms_p50": median(t["first"]),
+                      "decode_tokens_per_s": median(t["rates"])} for flow, t in timings.items()}
+    summary["ours"]["shared_prefill"] = shared
     return {
-        "n": len(messages), "max_tokens": CHAT_BENCH_TOKENS,
-        "ours": {"sentiment_ms_p50": median(ours["sentiment"]), "first_token_ms_p50": median(ours["first"]),
-                 "decode_tokens_per_s": median(ours["rates"])},
+        "n": len(messages), "max_tokens": CHAT_BENCH_TOKENS, **summary,
         "raw_llama_cpp_python": {"first_token_ms_p50": median(theirs["first"]),
                                  "decode_tokens_per_s": median(theirs["rates"])} if raw else None,
     }
@@ -668,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share kept aside (stratified) to report held-out accuracy before the final fit")
     p.add_argument("--output-dir", metavar="DIR", help="where to save the head (default: <home>/heads)")
+    p.add_argument("--role", choices=["sentiment", "chat"], default="sentiment",
+                   help="sentiment: the analyst's head (analyze, batch, /v1/sentiment, eval); chat: a head that "
+                        "reads at the end of the user's message inside the chat prompt, so that the respond "
+                        "flow evaluates a message once for both roles (shared prefill)")
     p.add_argument("--layers", type=int, metavar="K",
                    help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
                         "depth, 15 of 24 for the default model); lower is faster, higher may be more accurate")

@@ -30,14 +30,18 @@ def pick_engine(model_path: Path, requested: str = "auto") -> str:
 
 
 def open_engine(model_path: Path, requested: str = "auto", *, dtype: str = "float32", repack: bool = True,
-                **options) -> Engine:
+                hidden_state_lanes: int = 1, **options) -> Engine:
     """Load the model with the chosen engine. `dtype` applies to the transformers engine only
-    (llama.cpp computes in the GGUF's own quantised types), `repack` to llama.cpp only."""
+    (llama.cpp computes in the GGUF's own quantised types), `repack` to llama.cpp only, and so does
+    `hidden_state_lanes`: how many lanes, from lane 0, must be able to read hidden states (the
+    transformers engine can on every lane)."""
     kind = pick_engine(model_path, requested)
     if kind == "llamacpp":
         from .llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(model_path, repack=repack, **options)
+        # A tapped lane beyond the first is a chat lane: it needs the whole context window.
+        return LlamaCppEngine(model_path, repack=repack, tapped_lanes=hidden_state_lanes,
+                              tapped_context_size=2048 if hidden_state_lanes <= 1 else None, **options)
     if kind == "transformers":
         try:
             from .transformers import TransformersEngine

@@ -7,6 +7,7 @@ from typing import Sequence
 from ..conversation.history import Turn, fit_turns
 from ..engine.base import Engine, Sampling
 from ..engine.text import TextStream
+from .head import ReadingPoint
 from .language import detect_language
 from .prompts import ChatPrompt
 from .sentiment import InputError
@@ -45,37 +46,83 @@ class ChatRole:
                 if t not in self.engine.eog_tokens and _is_east_asian(self.engine.token_bytes(t)))
         return self._east_asian_tokens
 
-    def user_content(self, message: str, label: str) -> str:
+    def _tag(self, message: str, label: str | None) -> str:
         tags = self.prompt.tags
         if self.prompt.tags_by_language:
             tags = self.prompt.tags_by_language.get(detect_language(message), tags)
-        return self.prompt.user_template.format(message=message, tag=tags[label])
+        if label is None:  # not known yet: the longest tag stands in, for counting tokens
+            return max(tags.values(), key=len)
+        return tags[label]
 
-    def messages(self, turns: Sequence[Turn], user_content: str) -> list[dict]:
+    def user_parts(self, message: str, label: str | None) -> tuple[str, str, str]:
+        """The user turn as the model sees it, in three pieces, each tokenized on its own (see
+        ChatTemplate.tokens_and_ends): what the chat prompt puts before the message, the message,
+        what it puts after it."""
+        before, after = self.prompt.user_template.split("{message}")
+        tag = self._tag(message, label)
+        return before.format(tag=tag), message, after.format(tag=tag)
+
+    def user_content(self, message: str, label: str) -> str:
+        return "".join(self.user_parts(message, label))
+
+    def reading_point(self) -> ReadingPoint:
+        """Where a head for the respond flow's shared pass reads (for training it): the end of
+        the message, as the first message of a conversation."""
+        def tokens(text: str) -> list[int]:
+            ids, _, message_end = self.prompt_tokens([], text, None, 1)
+            return ids[:message_end]
+
+        return ReadingPoint(key=self.prompt.head_key, engine=self.engine, lane=self.lane, tokens=tokens)
+
+    def _turn_content(self, turn: Turn) -> str | tuple[str, ...]:
+        parts = self.user_parts(turn.message, turn.sentiment)
+        # A turn recorded under another chat prompt is shown as it was.
+        return parts if "".join(parts) == turn.user_content else turn.user_content
+
+    def messages(self, turns: Sequence[Turn], user_content: str | tuple[str, ...]) -> list[dict]:
         messages = [{"role": "system", "content": self.prompt.system}]
         for message, label, reply in self.prompt.examples:
-            messages.append({"role": "user", "content": self.user_content(message, label)})
+            messages.append({"role": "user", "content": self.user_parts(message, label)})
             messages.append({"role": "assistant", "content": reply})
         for turn in turns:
-            messages.append({"role": "user", "content": turn.user_content})
+            messages.append({"role": "user", "content": self._turn_content(turn)})
             messages.append({"role": "assistant", "content": turn.reply})
         messages.append({"role": "user", "content": user_content})
         return messages
 
-    def prompt_tokens(self, turns: Sequence[Turn], user_content: str, reply_max_tokens: int) -> tuple[list[int], int]:
-        """Token ids of the prompt, and how many of the oldest turns had to be dropped to leave
-        room for the reply. The system prompt and the new message are never dropped."""
-        budget = self.engine.n_ctx - reply_max_tokens
+    def text_messages(self, turns: Sequence[Turn], message: str, label: str) -> list[dict]:
+        """The same messages with each content as one string, as other chat APIs take them."""
+        return [{**m, "content": m["content"] if isinstance(m["content"], str) else "".join(m["content"])}
+                for m in self.messages(turns, self.user_parts(message, label))]
+
+    def prompt_tokens(self, turns: Sequence[Turn], message: str, label: str | None,
+                      reply_max_tokens: int) -> tuple[list[int], int, int]:
+        """Token ids of the prompt; how many of the oldest turns had to be dropped to leave room
+        for the reply; and where the message ends in the ids (the tokens before that do not
+        depend on `label`). The system prompt and the new message are never dropped. With
+        label None the longest tag stands in: the count, the drop and the tokens up to the
+        message's end are then what they will be for either label."""
+        budget = self.lane_context_size() - reply_max_tokens
+        parts = self.user_parts(message, label)
 
         def count(kept):
-            return len(self.template.tokens(self.messages(kept, user_content)))
+            return len(self.template.tokens(self.messages(kept, parts)))
 
         dropped = fit_turns(turns, count, budget)
-        tokens = self.template.tokens(self.messages(turns[dropped:], user_content))
+        tokens, ends = self.template.tokens_and_ends(self.messages(turns[dropped:], parts))
         if len(tokens) > budget:
             raise InputError(f"the message needs {len(tokens)} tokens with the system prompt; "
                              f"only {budget} fit beside a {reply_max_tokens}-token reply")
-        return tokens, dropped
+        return tokens, dropped, ends[-1][1]
+
+    def warm_prefix(self) -> None:
+        """Leave the lane holding just the prompt's fixed beginning (system prompt, examples): the
+        state a new conversation finds (used to time the respond flow fairly)."""
+        tokens, ends = self.template.tokens_and_ends(self.messages([], self.user_parts("", "positive")))
+        self.engine.logits(tokens[:ends[-1][0]], lane=self.lane)
+
+    def lane_context_size(self) -> int:
+        return self.engine.lane_context_size(self.lane)
 
     def stream(self, tokens: Sequence[int], sampling: Sampling, stop: Sequence[str] = (),
                should_stop=None) -> TextStream:

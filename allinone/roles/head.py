@@ -11,7 +11,10 @@ model reads before the scoring position, and what the head was trained under.
 The residual stream's scale grows with depth and varies by text, so the head reads it RMS-
 normalised (as the next block's norm would).
 
-A head belongs to one model (keyed by the model file's sha256), one sentiment prompt and one depth.
+A head belongs to one model (keyed by the model file's sha256), one reading point and one depth.
+The reading point is where in which prompt it reads: the analyst's scoring position under a
+sentiment prompt (key: the prompt's name), or the end of the user's message inside a chat prompt
+(key "chat-<name>"), where the respond flow reads it on the pass that also prepares the reply.
 """
 
 from __future__ import annotations
@@ -48,9 +51,22 @@ def normalise(hidden: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class ReadingPoint:
+    """Where a head reads, for training it: the tokens whose last position it reads for a text,
+    on which engine lane, under which key; and the prompt's own P(positive) for a text, if the
+    prompt has label words to compare the head against."""
+
+    key: str
+    engine: object  # an engine.base.Engine
+    lane: int
+    tokens: Callable[[str], list[int]]
+    prompt_alone: Callable[[str], float] | None = None
+
+
+@dataclass
 class SentimentHead:
     model_sha256: str
-    prompt: str
+    prompt: str  # the reading point's key (see the module docstring)
     layers: int  # reads the residual stream after this many blocks
     weights: np.ndarray  # on the RMS-normalised residual stream
     bias: float
@@ -169,13 +185,12 @@ MIN_EXAMPLES = 20
 MIN_PER_LABEL = 5
 
 
-def collect_features(analyst, texts: Sequence[str], layers: int,
+def collect_features(point: ReadingPoint, texts: Sequence[str], layers: int,
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Normalised residual streams after `layers` blocks at the analyst's scoring position."""
+    """Normalised residual streams after `layers` blocks at the reading point."""
     rows = []
     for text in texts:
-        tokens, _ = analyst.prompt_tokens(text)
-        rows.append(normalise(analyst.engine.hidden_state(tokens, layers, lane=analyst.lane)))
+        rows.append(normalise(point.engine.hidden_state(point.tokens(text), layers, lane=point.lane)))
         if progress:
             progress(1)
     return np.vstack(rows)
@@ -191,7 +206,8 @@ def check_training_labels(labels: Sequence[str]) -> None:
 
 
 def heldout_count(labels: Sequence[str], share: float) -> int:
-    """How many texts train_head keeps aside (and scores a second time, with the prompt alone)."""
+    """How many texts train_head keeps aside (and scores a second time with the prompt alone,
+    where the reading point has a prompt_alone)."""
     return sum(max(1, int(round(sum(1 for x in labels if x == label) * share))) for label in ("positive", "negative"))
 
 
@@ -204,35 +220,37 @@ def stratified_holdout(y: np.ndarray, share: float, seed: int) -> np.ndarray:
     return held
 
 
-def train_head(analyst, texts: Sequence[str], labels: Sequence[str], *, model_sha256: str,
+def train_head(point: ReadingPoint, texts: Sequence[str], labels: Sequence[str], *, model_sha256: str,
                layers: int | None = None, holdout: float = 0.2, seed: int = 0,
                progress: Callable[[int], None] | None = None, source: str = "") -> tuple[SentimentHead, dict]:
     """Fit a head on texts/labels. A stratified `holdout` share is kept aside first to report
-    honest accuracy (head vs the prompt alone, which costs one full scoring pass per held-out
-    text); the head returned is then refitted on everything. `progress` is called once per text
-    read, then once per held-out text scored: len(texts) + heldout_count(labels) calls."""
+    honest accuracy (head vs the prompt alone, when the point has one: one full scoring pass per
+    held-out text); the head returned is then refitted on everything. `progress` is called once
+    per text read, then once per held-out text scored: len(texts) + heldout_count(labels) calls
+    (len(texts) without a prompt_alone)."""
     check_training_labels(labels)
     started = time.perf_counter()
-    layers = default_layers(analyst.engine.n_layers) if layers is None else layers
-    if not 0 < layers < analyst.engine.n_layers:
-        raise HeadError(f"layers must be in 1..{analyst.engine.n_layers - 1}, got {layers}")
-    features = collect_features(analyst, texts, layers, progress)
+    n_layers = point.engine.n_layers
+    layers = default_layers(n_layers) if layers is None else layers
+    if not 0 < layers < n_layers:
+        raise HeadError(f"layers must be in 1..{n_layers - 1}, got {layers}")
+    features = collect_features(point, texts, layers, progress)
     y = np.array([1.0 if x == "positive" else 0.0 for x in labels])
     held = stratified_holdout(y, holdout, seed)
     split = train_parameters(features[~held], y[~held], seed=seed)
     head_right = ((features[held] @ split.weights + split.bias) > 0) == (y[held] == 1)
     prompt_right = []
-    for i in np.flatnonzero(held):
-        prompt_right.append((analyst.positive_probability(texts[i], use_head=False).value >= 0.5) == (y[i] == 1))
+    for i in np.flatnonzero(held) if point.prompt_alone else ():
+        prompt_right.append((point.prompt_alone(texts[i]) >= 0.5) == (y[i] == 1))
         if progress:
             progress(1)
     report = {"examples": int(len(y)), "heldout": int(held.sum()), "layers": layers,
               "heldout_accuracy_head": float(np.mean(head_right)),
-              "heldout_accuracy_prompt": float(np.mean(prompt_right))}
+              "heldout_accuracy_prompt": float(np.mean(prompt_right)) if prompt_right else None}
     final = train_parameters(features, y, seed=seed)
     report["l2"] = final.l2
     report["seconds"] = round(time.perf_counter() - started, 1)
     info = {**report, "source": source, "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    head = SentimentHead(model_sha256=model_sha256, prompt=analyst.prompt.name, layers=layers,
+    head = SentimentHead(model_sha256=model_sha256, prompt=point.key, layers=layers,
                          weights=final.weights, bias=final.bias, info=info)
     return head, report

@@ -47,6 +47,18 @@ class ChatPrompt:
     # right after the system prompt: part of the cached prefix, so free per request.
     examples: tuple[tuple[str, str, str], ...] = ()
 
+    @property
+    def sentiment_follows_message(self) -> bool:
+        """Whether the tag comes after the message: then the tokens up to the message's end do
+        not depend on the sentiment, and one pass over them can serve both the sentiment (read
+        part-way up by a head) and the reply."""
+        return "{tag}" not in self.user_template.split("{message}")[0]
+
+    @property
+    def head_key(self) -> str:
+        """The key of a head that reads at the end of the user's message in this prompt."""
+        return f"chat-{self.name}"
+
 
 # From ../shared/data/sentiment-train.jsonl (never the dev set), chosen to show the convention on
 # mixed reviews: the overall verdict decides.

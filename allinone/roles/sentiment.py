@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..engine.base import Engine, Sampling
+from .head import ReadingPoint
 from .prompts import LABELS, SentimentPrompt
 from .template import ChatTemplate
 
@@ -31,6 +32,13 @@ class Sentiment:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_positive(cls, positive: float, latency_ms: float, truncated: bool = False) -> "Sentiment":
+        """The more likely label, given the probability of "positive"."""
+        label = "positive" if positive >= 0.5 else "negative"
+        return cls(label=label, probability=float(positive if label == "positive" else 1.0 - positive),
+                   latency_ms=latency_ms, truncated=truncated)
 
 
 def validate_text(text, max_chars: int) -> str:
@@ -112,6 +120,12 @@ class SentimentAnalyst:
         head's depth; None = by the two label tokens."""
         self.head = head
 
+    def reading_point(self) -> ReadingPoint:
+        """Where a head for this analyst reads (for training it): the scoring position."""
+        return ReadingPoint(key=self.prompt.name, engine=self.engine, lane=self.lane,
+                            tokens=lambda text: self.prompt_tokens(text)[0],
+                            prompt_alone=lambda text: self.positive_probability(text, use_head=False).value)
+
     def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
         tokens, truncated = self.prompt_tokens(text)
         return np.array(self.engine.score(tokens, self.candidates, lane=self.lane)), truncated
@@ -120,10 +134,7 @@ class SentimentAnalyst:
         validate_text(text, self.max_text_chars)
         start = time.perf_counter()
         positive = self.positive_probability(text, use_head=use_head)
-        best = 0 if positive.value >= 0.5 else 1
-        probability = positive.value if best == 0 else 1.0 - positive.value
-        return Sentiment(label=LABELS[best], probability=float(probability),
-                         latency_ms=(time.perf_counter() - start) * 1000, truncated=positive.truncated)
+        return Sentiment.from_positive(positive.value, (time.perf_counter() - start) * 1000, positive.truncated)
 
     def positive_probability(self, text: str, *, use_head: bool = True) -> "_Positive":
         if self.head is not None and use_head:

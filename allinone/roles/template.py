@@ -45,13 +45,28 @@ class ChatTemplate:
                                      **self._special)
 
     def tokens(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        return self.tokens_and_ends(messages, add_generation_prompt=add_generation_prompt)[0]
+
+    def tokens_and_ends(self, messages: Sequence[dict], *,
+                        add_generation_prompt: bool = True) -> tuple[list[int], list[list[int]]]:
+        """Token ids, and for each message where each piece of its content ends (a token index).
+
+        A content may be a string or a tuple of strings, each tokenized on its own: the chat role
+        keeps the user's message apart from the words it adds after it (the sentiment tag), so
+        the tokens up to the end of the message are the same whatever the tag says. That is what
+        lets one pass over the message serve the sentiment first and the reply after."""
         masked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
         rendered = self.render_text(masked, add_generation_prompt=add_generation_prompt)
         ids: list[int] = []
+        ends: list[list[int]] = [[] for _ in messages]
         pos = 0
         for match in _PLACEHOLDER_RE.finditer(rendered):
             ids += self._engine.tokenize(rendered[pos:match.start()], special=True)
-            ids += self._engine.tokenize(messages[int(match.group(1))]["content"], special=False)
+            index = int(match.group(1))
+            content = messages[index]["content"]
+            for piece in (content,) if isinstance(content, str) else content:
+                ids += self._engine.tokenize(piece, special=False)
+                ends[index].append(len(ids))
             pos = match.end()
         ids += self._engine.tokenize(rendered[pos:], special=True)
-        return ids
+        return ids, ends
