@@ -335,6 +335,11 @@ def cmd_train_head(args, settings: Settings) -> int:
         raise CliError(f"the {settings.chat_prompt!r} chat prompt puts the sentiment tag before the message: "
                        "no head can read the message's sentiment before the tag is chosen")
     point = assistant.analyst.reading_point() if args.role == "sentiment" else assistant.chat.reading_point()
+    layers = args.layers
+    if layers is None and args.role == "chat":
+        # The respond flow's pass runs every block anyway, so reading high up costs nothing there
+        # (and on chat-dev's everyday messages block 23 detected 0.90 against 0.85 for block 15).
+        layers = assistant.engine.n_layers - 1
     labels = [item["label"] for item in items]
     total = len(items) + (heldout_count(labels, args.holdout) if point.prompt_alone else 0)
     with progress_bar(total=total, desc=f"train-head {point.key} (hidden states"
@@ -342,7 +347,7 @@ def cmd_train_head(args, settings: Settings) -> int:
                       disable=args.quiet) as bar:
         try:
             head, report = train_head(point, [item["text"] for item in items], labels, model_sha256=sha,
-                                      layers=args.layers, holdout=args.holdout, progress=bar.update,
+                                      layers=layers, holdout=args.holdout, progress=bar.update,
                                       source=Path(args.data).name)
         except HeadError as err:
             raise CliError(str(err)) from None
@@ -712,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "flow evaluates a message once for both roles (shared prefill)")
     p.add_argument("--layers", type=int, metavar="K",
                    help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
-                        "depth, 15 of 24 for the default model); lower is faster, higher may be more accurate")
+                        "depth, 15 of 24 for the default model, where the analyst's pass stops; lower is faster, "
+                        "higher may be more accurate; for --role chat the last block but one, free there)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("eval-chat", cmd_eval_chat, "Reply to each message (a new conversation each) and check the "

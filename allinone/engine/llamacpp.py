@@ -302,8 +302,9 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"lane {lane} cannot read hidden states: only lanes below {self.tapped_lanes} can")
         self._tap.arm(layers, stop)
         try:
-            # A complete pass needs no logits: the blocks run for their KV entries, and
-            # llama.cpp skips the output projection when no position asks for output.
+            # No logits either way: a stopped pass never reaches the output projection, and a
+            # complete one runs the blocks for their KV entries; llama.cpp skips the projection
+            # when no position asks for output.
             self._feed(lane, tokens, start, logits=False)
             value = self._tap.value
         finally:
