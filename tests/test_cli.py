@@ -207,9 +207,26 @@ def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
     assert report["speedup_score_vs_seed"] > 0 and report["speedup_vs_raw_llama_cpp_python"] > 0
     assert report["peak_rss_mb"] > 0
     assert report["chat"]["n"] == 2 and report["chat"]["ours"]["first_token_ms_p50"] > 0
+    assert report["chat"]["ours"]["shared_prefill"] and report["chat"]["two_passes"]["first_token_ms_p50"] > 0
     assert report["chat"]["raw_llama_cpp_python"]["decode_tokens_per_s"] > 0
     assert plot.stat().st_size > 1000
     assert "server peer is skipped" in err
+
+
+def test_bench_runs_the_original_recipe_and_our_scoring_on_its_float32_model(cli_env, tmp_path, tiny_model_dir):
+    """The slow baselines, on the tiny Qwen2 built by the tests instead of the real float32 model."""
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [{"text": "太棒了,非常满意", "label": "positive"},
+                       {"text": "The worst hotel I have ever stayed in.", "label": "negative"}])
+    chat = tmp_path / "chat.jsonl"
+    write_jsonl(chat, [{"message": "今天升职了!"}])
+    code, out, err = run(["bench", "--texts", str(data), "--json", "--quiet", "--no-raw",
+                          "--original-model", str(tiny_model_dir), "--chat-messages", str(chat)], cli_env)
+    assert code == 0, err
+    report = json.loads(out)
+    assert {"original", "prompt-transformers"} <= set(report["methods"])
+    assert report["methods"]["prompt-transformers"]["n"] == 2
+    assert report["speedup_vs_original"] > 0 and report["speedup_prompt_transformers_vs_original"] > 0
 
 
 # ---- train-head: the learned head on the real model -------------------------------------------------
