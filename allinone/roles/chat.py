@@ -105,11 +105,16 @@ class ChatRole:
         budget = self.lane_context_size() - reply_max_tokens
         parts = self.user_parts(message, label)
 
-        def count(kept):
-            return len(self.template.tokens(self.messages(kept, parts)))
+        def render(kept):
+            return self.template.tokens_and_ends(self.messages(kept, parts))
 
-        dropped = fit_turns(turns, count, budget)
-        tokens, ends = self.template.tokens_and_ends(self.messages(turns[dropped:], parts))
+        # The whole conversation is rendered once; only when it does not fit are shorter
+        # histories counted (fit_turns) and the kept one rendered again.
+        tokens, ends = render(turns)
+        dropped = 0
+        if len(tokens) > budget:
+            dropped = fit_turns(turns, lambda kept: len(render(kept)[0]), budget)
+            tokens, ends = render(turns[dropped:])
         if len(tokens) > budget:
             raise InputError(f"the message needs {len(tokens)} tokens with the system prompt; "
                              f"only {budget} fit beside a {reply_max_tokens}-token reply")
