@@ -100,17 +100,21 @@ def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
 
 @pytest.mark.parametrize("donor, borrower", [(0, 1), (2, 3)])
 def test_borrowed_prefix_from_another_lane_scores_the_same(engine, donor, borrower):
-    # On llama.cpp, lanes 0-1 share the context that reads hidden states, lanes 2-3 the other one.
+    # On llama.cpp, lanes 2-3 share the plain context; lanes 0 and 1 have a context each (their
+    # passes read hidden states, and lane 0 may run with a LoRA adapter): nothing to borrow there,
+    # the borrower recomputes, and the result must be the same either way.
+    shared = engine._can_share(donor, borrower)
     analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=donor)
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     other, _ = analyst.prompt_tokens("The room was dirty and loud.")
     engine.score(tokens, analyst.candidates, lane=donor)
     borrowed = engine.score(tokens, analyst.candidates, lane=borrower)
-    assert engine.last_stats.reused >= len(tokens) - 8  # llama.cpp re-evaluates 8 (see llamacpp.py)
+    # llama.cpp re-evaluates 8 (see llamacpp.py)
+    assert engine.last_stats.reused >= len(tokens) - 8 if shared else engine.last_stats.reused == 0
     assert engine.lane_tokens(donor) == tokens  # the donor keeps its content
     engine.forget(borrower)
     partly = engine.score(other, analyst.candidates, lane=borrower)
-    assert engine.last_stats.reused >= len(analyst._before) - 8
+    assert engine.last_stats.reused >= len(analyst._before) - 8 if shared else engine.last_stats.reused == 0
     again = engine.score(tokens, analyst.candidates, lane=donor)
     engine.forget()
     np.testing.assert_allclose(borrowed, engine.score(tokens, analyst.candidates, lane=borrower), atol=1e-3)

@@ -39,9 +39,7 @@ def open_engine(model_path: Path, requested: str = "auto", *, dtype: str = "floa
     if kind == "llamacpp":
         from .llamacpp import LlamaCppEngine
 
-        # A tapped lane beyond the first is a chat lane: it needs the whole context window.
-        return LlamaCppEngine(model_path, repack=repack, tapped_lanes=hidden_state_lanes,
-                              tapped_context_size=2048 if hidden_state_lanes <= 1 else None, **options)
+        return LlamaCppEngine(model_path, repack=repack, tapped_lanes=hidden_state_lanes, **options)
     if kind == "transformers":
         try:
             from .transformers import TransformersEngine

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -161,6 +162,7 @@ class Engine(ABC):
         self._clock = 0
         self.last_stats = CacheStats()
         self._last_suppressed: tuple[frozenset[int], np.ndarray] = (frozenset(), np.empty(0, dtype=np.int64))
+        self.lane_adapter: dict[int, Path] = {}  # the LoRA adapter each lane runs with (use_adapter)
 
     # ---- vocabulary -------------------------------------------------------------------------
     @abstractmethod
@@ -295,6 +297,12 @@ class Engine(ABC):
             self._kv_truncate(i, 0)
             self._lanes[i].tokens = []
             self._lanes[i].shallow_from = None
+
+    def use_adapter(self, lane: int, path: Path | None) -> None:
+        """Apply a LoRA adapter to every pass on `lane` (None: no adapter). Backends that can
+        override this; the others take no adapter."""
+        if path is not None:
+            raise EngineError(f"{type(self).__name__} cannot apply LoRA adapters ({Path(path).name})")
 
     def lane_context_size(self, lane: int) -> int:
         """How many tokens this lane can hold (n_ctx unless the backend gives a lane less)."""

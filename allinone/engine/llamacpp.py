@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 from .base import ContextOverflow, Engine, EngineError
 
 _backend_ready = False
+_log_callback = None  # kept referenced: llama.cpp holds the pointer
 
 # Batch invariance. The prefix cache is only honest if a token's KV entries and logits do not
 # depend on how the tokens were split into decode calls, nor on where they sit in the KV cache
@@ -96,12 +98,28 @@ class _LayerTap:
         return not self.stop  # False abandons the rest of the graph
 
 
-def _init_backend(verbose: bool) -> None:
-    global _backend_ready
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml.h's enum ggml_log_level
+_log_state = {"verbose": False, "printing": False}
 
-    set_verbose(verbose)  # llama.cpp logs every tensor at load time otherwise
+
+def _print_llama_log(level: int, text: bytes, user_data) -> None:
+    # llama-cpp-python's own callback maps ggml's levels as they were before WARN moved to 3, so it
+    # prints warnings as errors: loading a LoRA adapter alone printed 21 harmless lines (its
+    # tensors cannot live in the repacked buffer type and stay in plain CPU memory).
+    if level != _GGML_LOG_CONT:
+        _log_state["printing"] = _log_state["verbose"] or level == _GGML_LOG_ERROR
+    if _log_state["printing"]:
+        print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready, _log_callback
+    import llama_cpp
+
+    _log_state["verbose"] = verbose  # llama.cpp logs every tensor at load time otherwise
+    if _log_callback is None:
+        _log_callback = llama_cpp.llama_log_callback(_print_llama_log)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     if not _backend_ready:
         llama_cpp.llama_backend_init()
         _backend_ready = True
@@ -150,25 +168,34 @@ class LlamaCppEngine(Engine):
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.embeddings = False
-        # Two contexts over the same weights (a context holds only its KV cache and scratch
-        # buffers): the lanes below `tapped_lanes` (sentiment; chat too when the respond flow
-        # reads the sentiment on the chat lane's pass) live in one that carries the layer tap,
-        # the others (completions, the bench) in one without it.
+        # Contexts over the same weights (a context holds only its KV cache and scratch buffers):
+        # lane 0 (sentiment) in one that carries the layer tap; further tapped lanes (chat, when
+        # the respond flow reads the sentiment on the chat lane's pass) in a second tapped one;
+        # the others (completions, the bench) in one without the tap. Lane 0 never shares its
+        # context, so a LoRA adapter on it (use_adapter) changes no other lane, and a long chat
+        # and a sentiment request never compete for the same KV cells.
         self._tap = _LayerTap(self._model.n_embd())
-        # The tapped context is smaller, because its memory is resident too: a sentiment prompt
+        # The sentiment context is smaller, because its memory is resident too: a sentiment prompt
         # needs ~1.3k tokens at most (1,024 of text by default), so 2048 cells (KV 24 MB instead
-        # of 48 for this model; None = context_size, for when a chat lane reads hidden states
-        # too), and 128-token forward passes (attention scratch 4x smaller; a dev text is ~30
-        # tokens, and a long one pays ~20 ms per extra pass).
+        # of 48 for this model; None = context_size), and 128-token forward passes (attention
+        # scratch 4x smaller; a dev text is ~30 tokens, and a long one pays ~20 ms per extra pass).
+        # A tapped chat lane needs the whole context window.
         plain = self._new_context(ctx_params, verbose)
         ctx_params.cb_eval = self._tap.callback
-        ctx_params.n_ctx = min(context_size, tapped_context_size or context_size)
         tapped_batch = min(batch_size, TAPPED_BATCH_SIZE)
         ctx_params.n_batch = ctx_params.n_ubatch = tapped_batch
-        tapped = self._new_context(ctx_params, verbose) if tapped_lanes > 0 else None
-        self._contexts = [c for c in (plain, tapped) if c is not None]
-        self._lane_context = [tapped if lane < tapped_lanes else plain for lane in range(n_lanes)]
+        sentiment = chat = None
+        if tapped_lanes > 0:
+            ctx_params.n_ctx = min(context_size, tapped_context_size or context_size)
+            sentiment = self._new_context(ctx_params, verbose)
+        if tapped_lanes > 1:
+            ctx_params.n_ctx = context_size
+            chat = self._new_context(ctx_params, verbose)
+        self._contexts = [c for c in (plain, sentiment, chat) if c is not None]
+        self._lane_context = [sentiment if lane == 0 and sentiment else chat if lane < tapped_lanes else plain
+                              for lane in range(n_lanes)]
         self.tapped_lanes = tapped_lanes
+        self._adapters: dict[Path, object] = {}  # loaded LoRA adapters, by file
 
         self.n_ctx = llama_cpp.llama_n_ctx(plain.ctx)
         self.n_vocab = self._model.n_vocab()
@@ -196,6 +223,9 @@ class LlamaCppEngine(Engine):
             self._batch = None
         for context in getattr(self, "_contexts", []):
             context.close()
+        for adapter in getattr(self, "_adapters", {}).values():
+            self._lib.llama_adapter_lora_free(adapter)
+        self._adapters = {}
         self._contexts, self._lane_context = [], []
         if getattr(self, "_model", None) is not None:
             self._model.close()
@@ -234,6 +264,37 @@ class LlamaCppEngine(Engine):
             if 0 <= token < self.n_vocab:
                 texts[name] = self._model.token_get_text(token)
         return texts
+
+    # ---- adapters ---------------------------------------------------------------------------
+    def use_adapter(self, lane: int, path: Path | None) -> None:
+        """Apply a LoRA adapter (a llama.cpp adapter GGUF for this model) to every pass on `lane`,
+        or none. Only lane 0 has a context of its own, so only it can take one. The lane's cache was
+        computed with the old weights: it is emptied when the adapter changes."""
+        path = Path(path) if path is not None else None
+        if self.lane_adapter.get(lane) == path:
+            return
+        if lane != 0 or self.tapped_lanes < 1:
+            raise EngineError(f"lane {lane} shares its llama.cpp context: only lane 0 can take a LoRA adapter")
+        if path is not None and path not in self._adapters:
+            if not path.is_file():
+                raise EngineError(f"LoRA adapter not found: {path}")
+            adapter = self._lib.llama_adapter_lora_init(self._model.model, str(path).encode())
+            if not adapter:
+                raise EngineError(f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}")
+            self._adapters[path] = adapter
+        context = self._lane_context[lane]
+        if path is None:
+            code = self._lib.llama_set_adapters_lora(context.ctx, None, 0, None)
+        else:
+            adapters = (self._lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[path])
+            code = self._lib.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if code != 0:
+            raise EngineError(f"llama.cpp refused the LoRA adapter {path} (code {code})")
+        if path is None:
+            self.lane_adapter.pop(lane, None)
+        else:
+            self.lane_adapter[lane] = path
+        self.forget(lane)
 
     # ---- KV primitives ----------------------------------------------------------------------
     def _kv_truncate(self, lane: int, keep: int) -> None:
