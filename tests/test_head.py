@@ -156,3 +156,81 @@ def test_a_broken_head_file_is_a_clear_error(tmp_path):
 def test_unusable_training_labels_are_refused(labels, message):
     with pytest.raises(HeadError, match=message):
         check_training_labels(labels)
+
+
+def test_a_head_with_an_adapter_round_trips_and_a_missing_adapter_is_a_clear_error(tmp_path):
+    adapter = tmp_path / "trained.gguf"
+    adapter.write_bytes(b"GGUF adapter bytes")
+    head = SentimentHead(model_sha256="f00d", prompt="fewshot", layers=2, weights=np.ones(16), bias=0.5,
+                         adapter=adapter)
+    store = tmp_path / "heads"
+    path = head.save(store)
+    again = SentimentHead.find("f00d", "fewshot", store)
+    assert again.adapter == store / "f00d.fewshot.lora.gguf" and again.adapter.read_bytes() == b"GGUF adapter bytes"
+    # A head trained again without an adapter replaces both files: no stale adapter is left to apply.
+    SentimentHead(model_sha256="f00d", prompt="fewshot", layers=2, weights=np.ones(16), bias=0.5).save(store)
+    assert SentimentHead.find("f00d", "fewshot", store).adapter is None
+    assert not (store / "f00d.fewshot.lora.gguf").exists()
+    head.save(store)
+    (store / "f00d.fewshot.lora.gguf").unlink()
+    with pytest.raises(HeadError, match="adapter f00d.fewshot.lora.gguf is missing"):
+        SentimentHead.load(path)
+    # Format 2 (before adapters) still loads, as a head without one.
+    payload = json.loads(path.read_text())
+    payload.update(format=2)
+    del payload["adapter"]
+    path.write_text(json.dumps(payload))
+    assert SentimentHead.load(path).adapter is None
+
+
+class AdapterEngine(FakeEngine):
+    """The fake model, recording which adapter each pass on a lane would run with."""
+
+    def __init__(self):
+        super().__init__(n_ctx=4096)
+        self.passes: list[tuple[str, object]] = []
+
+    def use_adapter(self, lane, path):
+        if self.lane_adapter.get(lane) != path:
+            self.lane_adapter.pop(lane, None)
+            if path is not None:
+                self.lane_adapter[lane] = path
+            self.forget(lane)
+
+    def hidden_state(self, tokens, layers, lane=0, complete=False):
+        self.passes.append(("head", self.lane_adapter.get(lane)))
+        return super().hidden_state(tokens, layers, lane=lane, complete=complete)
+
+    def score(self, tokens, candidates, lane=0):
+        self.passes.append(("prompt", self.lane_adapter.get(lane)))
+        return super().score(tokens, candidates, lane=lane)
+
+
+def test_the_heads_adapter_runs_for_the_heads_passes_only(tmp_path):
+    """The adapter is trained with the head: the prompt-only and seed methods, and a new head's
+    training, must read the model's own weights."""
+    engine = AdapterEngine()
+    analyst = SentimentAnalyst(engine, sentiment_prompt("original"))
+    adapter = tmp_path / "a.gguf"
+    head = SentimentHead(model_sha256="f00d", prompt="original", layers=2, weights=np.ones(16), bias=0.0,
+                         adapter=adapter)
+    analyst.use_head(head)
+    assert engine.lane_adapter == {0: adapter}
+    analyst.analyze("good")
+    analyst.analyze("good", use_head=False)
+    analyst.warm_prefix()
+    analyst.analyze("good")
+    assert engine.passes == [("head", adapter), ("prompt", None), ("prompt", adapter), ("head", adapter)]
+    with pytest.raises(HeadError, match="LoRA adapter"):
+        train_head(analyst.reading_point(), *texts_and_labels(analyst, n=40), model_sha256="f00d")
+    analyst.use_head(None)
+    assert engine.lane_adapter == {}
+
+
+def test_an_engine_without_adapter_support_refuses_one(tmp_path):
+    from allinone.engine.base import EngineError
+
+    engine = FakeEngine()
+    engine.use_adapter(0, None)
+    with pytest.raises(EngineError, match="cannot apply LoRA adapters"):
+        engine.use_adapter(0, tmp_path / "a.gguf")

@@ -464,13 +464,15 @@ def cmd_bench(args, settings: Settings) -> int:
     methods = {"score": assistant.analyze}
     if assistant.head is not None:
         methods["prompt"] = lambda text: assistant.analyze(text, method="prompt")
-    resets = {name: analyst.warm_prefix for name in methods}
+    # The prompt-only and seed methods run on the model's own weights (no head adapter).
+    resets = {"score": analyst.warm_prefix, "prompt": lambda: analyst.warm_prefix(use_head=False)}
     if settings.sentiment_prompt != "original":
         # Plain one-pass scoring with the original prompt: what the default must not be slower than.
         plain = SentimentAnalyst(assistant.engine, sentiment_prompt("original"), lane=BENCH_LANE,
                                  max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
         methods["original-prompt"], resets["original-prompt"] = plain.analyze, plain.warm_prefix
-    methods["seed"], resets["seed"] = (lambda text: assistant.analyze(text, method="seed")), analyst.warm_prefix
+    methods["seed"] = lambda text: assistant.analyze(text, method="seed")
+    resets["seed"] = lambda: analyst.warm_prefix(use_head=False)
 
     def baseline_model(chosen: str | None) -> Path:
         # The baselines run what a user would otherwise have run: the original Q4_K_M file.

@@ -99,11 +99,21 @@ class SentimentAnalyst:
         # Multi-token label words are scored by their first token, which must then differ.
         return ids[0]
 
-    def warm_prefix(self) -> None:
+    def warm_prefix(self, *, use_head: bool = True) -> None:
         """Leave the lane holding just the prompt's fixed beginning: the state a request finds
-        when the previous one was a different text (used to time methods fairly)."""
+        when the previous one was a different text (used to time methods fairly). `use_head`:
+        for the next request's method (the head's adapter, if any, changes the prefix's cache)."""
         if self._before:
+            self._weights_for(use_head)
             self.engine.score(self._before, self.candidates, lane=self.lane)
+
+    def _weights_for(self, use_head: bool) -> None:
+        """The head's LoRA adapter on the lane for the head's passes, the model's own weights for
+        the prompt's. A switch empties the lane's cache (~1 s to recompute the prefix), so mixing
+        methods on one analyst is slow, not wrong."""
+        adapter = self.head.adapter if self.head is not None and use_head else None
+        if adapter is not None or self.engine.lane_adapter.get(self.lane) is not None:
+            self.engine.use_adapter(self.lane, adapter)
 
     def prompt_tokens(self, text: str) -> tuple[list[int], bool]:
         text_ids = self.engine.tokenize(text, special=False)
@@ -119,6 +129,7 @@ class SentimentAnalyst:
         """Decide by a learned head (roles/head.py, a SentimentHead) on a pass that stops at the
         head's depth; None = by the two label tokens."""
         self.head = head
+        self._weights_for(True)
 
     def reading_point(self) -> ReadingPoint:
         """Where a head for this analyst reads (for training it): the scoring position."""
@@ -127,6 +138,7 @@ class SentimentAnalyst:
                             prompt_alone=lambda text: self.positive_probability(text, use_head=False).value)
 
     def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
+        self._weights_for(False)
         tokens, truncated = self.prompt_tokens(text)
         return np.array(self.engine.score(tokens, self.candidates, lane=self.lane)), truncated
 
@@ -138,6 +150,7 @@ class SentimentAnalyst:
 
     def positive_probability(self, text: str, *, use_head: bool = True) -> "_Positive":
         if self.head is not None and use_head:
+            self._weights_for(True)
             tokens, truncated = self.prompt_tokens(text)
             hidden = self.engine.hidden_state(tokens, self.head.layers, lane=self.lane)
             return _Positive(self.head.positive_probability(hidden), truncated)
@@ -151,6 +164,7 @@ class SentimentAnalyst:
         """The original recipe: greedy-generate up to 10 tokens, look for "Positive" in them."""
         validate_text(text, self.max_text_chars)
         start = time.perf_counter()
+        self._weights_for(False)
         tokens, truncated = self.prompt_tokens(text)
         generation = self.engine.generate(tokens, Sampling(max_tokens=max_tokens), lane=self.lane)
         output = self.engine.detokenize(list(generation))
