@@ -1,4 +1,6 @@
-"""The core on the real default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M), loaded once."""
+"""The core on the real default model (Qwen2.5-Coder-0.5B-Instruct, its derived IQ4_NL form), loaded once."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -42,7 +44,7 @@ def test_label_tokens_are_single_space_prefixed_tokens(assistant):
 def test_cached_scores_equal_full_recompute(assistant):
     engine, analyst = assistant.engine, assistant.analyst
     texts = ["这家酒店的服务很周到。", "这家酒店的服务太差了。", "Not bad at all."]
-    analyst.warm_prefix()  # a full pass: entries a head's pass left only part-way up are not reused
+    analyst.warm_prefix(use_head=False)  # a full pass, on the weights label_logprobs uses
     cached = []
     for text in texts:
         cached.append(analyst.label_logprobs(text)[0])
@@ -67,35 +69,74 @@ def test_scores_after_cache_reuse_equal_fresh_scores(assistant):
         np.testing.assert_allclose(analyst.label_logprobs(text)[0], with_cache, atol=1e-3, err_msg=text)
 
 
-def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant):
+@pytest.mark.parametrize("with_adapter", [True, False])
+def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant, with_adapter):
     """The head's pass stops after the head's block (engine/llamacpp.py, _LayerTap): its cached
-    entries must give what a recompute gives, and a full pass afterwards must not be fooled by
-    entries that were only computed part-way up."""
+    entries must give what a recompute gives, with the head's LoRA adapter and without, and a full
+    pass afterwards must not be fooled by entries that were only computed part-way up (without
+    the adapter: with it, the full pass runs on other weights and starts from an empty lane)."""
     engine, analyst = assistant.engine, assistant.analyst
-    assert analyst.head is not None and analyst.head.layers < engine.n_layers
-    texts = ["这家店的外卖送得很快,味道也不错。", "太难吃了,再也不点了", "The plot was thin but the acting was great.",
-             "@united thanks for nothing, 3 hours on hold", "物流很快,包装完好,手机用着流畅。", "meh."]
-    served = []
-    for text in texts:
-        served.append(analyst.positive_probability(text).value)
-        assert engine.last_stats.reused >= len(analyst._before) - 8
-    full_after_shallow = analyst.label_logprobs(texts[-1])[0]
-    for text, with_cache in zip(texts, served):
-        engine.forget()
-        assert abs(analyst.positive_probability(text).value - with_cache) < 1e-3, text
-    engine.forget()
-    np.testing.assert_allclose(analyst.label_logprobs(texts[-1])[0], full_after_shallow, atol=1e-3)
+    head = analyst.head
+    assert head is not None and head.layers < engine.n_layers and head.adapter is not None
+    analyst.use_head(head if with_adapter else dataclasses.replace(head, adapter=None))
+    try:
+        analyst.warm_prefix()
+        texts = ["这家店的外卖送得很快,味道也不错。", "太难吃了,再也不点了", "The plot was thin but the acting was great.",
+                 "@united thanks for nothing, 3 hours on hold", "物流很快,包装完好,手机用着流畅。", "meh."]
+        served = []
+        for text in texts:
+            served.append(analyst.positive_probability(text).value)
+            assert engine.last_stats.reused >= len(analyst._before) - 8
+        if not with_adapter:
+            full_after_shallow = analyst.label_logprobs(texts[-1])[0]
+            assert engine.last_stats.reused > 0
+        for text, with_cache in zip(texts, served):
+            engine.forget()
+            assert abs(analyst.positive_probability(text).value - with_cache) < 1e-3, text
+        if not with_adapter:
+            engine.forget()
+            np.testing.assert_allclose(analyst.label_logprobs(texts[-1])[0], full_after_shallow, atol=1e-3)
+    finally:
+        analyst.use_head(head)
+
+
+def test_the_packaged_heads_adapter_changes_only_its_blocks_on_the_sentiment_lane(assistant):
+    """The default head comes with a LoRA adapter on blocks 13-15 (roles/head.py): it must change
+    those blocks' output and nothing below them, run on lane 0 only, and switching it off and on
+    (the prompt-only method in between) must give the head's probability back."""
+    from allinone.engine.base import EngineError
+
+    engine, analyst = assistant.engine, assistant.analyst
+    head = analyst.head
+    assert head.adapter is not None and head.adapter.is_file()
+    text = "The room was clean and quiet, but the staff never smiled."
+    tokens, _ = analyst.prompt_tokens(text)
+    adapted = analyst.positive_probability(text).value
+    assert engine.lane_adapter == {0: head.adapter}
+    below_adapted = engine.hidden_state(tokens, 12)
+    top_adapted = engine.hidden_state(tokens, head.layers)
+    engine.use_adapter(0, None)
+    np.testing.assert_allclose(engine.hidden_state(tokens, 12), below_adapted, atol=1e-3)
+    top_plain = engine.hidden_state(tokens, head.layers)
+    assert np.linalg.norm(top_adapted - top_plain) > 0.05 * np.linalg.norm(top_plain)
+    analyst.use_head(head)
+    assert assistant.analyze(text, method="prompt").probability is not None and engine.lane_adapter == {}
+    assert abs(analyst.positive_probability(text).value - adapted) < 1e-3
+    assert engine.lane_adapter == {0: head.adapter}
+    with pytest.raises(EngineError, match="only lane 0"):
+        engine.use_adapter(1, head.adapter)
 
 
 def test_only_the_tapped_lanes_read_hidden_states(assistant):
     """Lanes 0 (sentiment) and 1 (chat, whose pass over a message also yields its sentiment) live
-    in the llama.cpp context that carries the layer tap (see llamacpp.py); the completion lanes
-    do not, so they never pay the callback's per-node cost."""
+    in llama.cpp contexts that carry the layer tap, each its own (see llamacpp.py); the completion
+    lanes do not, so they never pay the callback's per-node cost."""
     from allinone.engine.base import EngineError
 
     engine = assistant.engine
     tokens = engine.tokenize("Not bad at all.") * 3
     assert engine.tapped_lanes == 2 and engine.lane_context_size(1) == engine.n_ctx
+    assert engine.lane_context_size(0) == 2048 and not engine._can_share(0, 1)
     with pytest.raises(EngineError, match="cannot read hidden states"):
         engine.hidden_state(tokens, 15, lane=2)
     assert engine.hidden_state(tokens, 15, lane=0).shape == (engine.hidden_size,)

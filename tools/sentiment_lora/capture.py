@@ -1,0 +1,78 @@
+"""Step 1: run the analyst's prompt over labelled texts on llama.cpp and keep the residual stream
+after the frozen blocks for every token after the prompt's fixed beginning (and once for that
+beginning), so that training only needs to run the tuned blocks.
+
+    .venv/bin/python tools/sentiment_lora/capture.py ../shared/data/sentiment-train.jsonl /tmp/lora/train.npz
+
+~10 minutes for 3,000 texts on 2 cores; ~5 KB per token-state in float16 (~390 MB for 3,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from tqdm import tqdm
+
+import allinone.engine.llamacpp as llamacpp
+from allinone.model.store import resolve_model_path
+from allinone.roles.prompts import sentiment_prompt
+from allinone.roles.sentiment import SentimentAnalyst
+from allinone.settings import Settings
+
+captured: list[np.ndarray] = []
+
+
+def keep_every_row(self, tensor, ask, user_data) -> bool:
+    """The engine's layer tap keeps only the last token's row; this keeps all of them (the tap's
+    own method, replaced for this script only)."""
+    if self.target is None:
+        return False
+    if ask:
+        return self._ggml.ggml_get_name(tensor) == self.target
+    rows = np.empty((self._ggml.ggml_nelements(tensor) // self.n_embd, self.n_embd), dtype=np.float32)
+    self._ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
+    captured.append(rows)
+    self.value = rows[-1]
+    return not self.stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data")
+    parser.add_argument("output")
+    parser.add_argument("--frozen-blocks", type=int, default=12, help="blocks below the tuned ones")
+    parser.add_argument("--sentiment-prompt", default="fewshot")
+    args = parser.parse_args()
+    llamacpp._LayerTap._on_node = keep_every_row
+    settings = Settings()
+    model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
+    engine = llamacpp.LlamaCppEngine(model, n_lanes=1, threads=settings.threads)
+    analyst = SentimentAnalyst(engine, sentiment_prompt(args.sentiment_prompt))
+    before = len(analyst._before)
+    rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
+
+    captured.clear()
+    engine.hidden_state(analyst._before, args.frozen_blocks)
+    prefix = np.concatenate(captured)
+    assert prefix.shape[0] == before
+    states, lengths = [], []
+    for row in tqdm(rows, mininterval=20, desc="capture"):
+        analyst.warm_prefix()  # the lane holds exactly the prompt's beginning: the text is all new
+        tokens, _ = analyst.prompt_tokens(row["text"])
+        captured.clear()
+        engine.hidden_state(tokens, args.frozen_blocks)
+        reused = engine.last_stats.reused
+        evaluated = np.concatenate(captured)
+        assert evaluated.shape[0] == len(tokens) - reused and reused <= before
+        states.append(evaluated[before - reused:].astype(np.float16))
+        lengths.append(states[-1].shape[0])
+    np.savez(args.output, states=np.concatenate(states), lengths=np.array(lengths), prefix=prefix,
+             frozen_blocks=args.frozen_blocks, model=str(model), sentiment_prompt=args.sentiment_prompt,
+             labels=np.array([row["label"] == "positive" for row in rows]))
+    print(f"{len(rows)} texts -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()
