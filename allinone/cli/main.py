@@ -437,6 +437,11 @@ DEFAULT_CHAT_MESSAGES = DEFAULT_TEXTS.with_name("chat-dev.jsonl")
 QUICK_CHAT_MESSAGES = 10
 CHAT_BENCH_TOKENS = 48
 BENCH_LANE = 3  # a lane the service leaves free (see service.py), for the bench's second analyst
+# Prompt-only and seed scoring in the bench: the chat lane, idle until the bench's chat part, and
+# (with a chat head) alone in a llama.cpp context of its own. Not a lane of the plain context: the
+# original-prompt analyst runs there, and another lane's cells in the same context shift its
+# log-probabilities by up to 0.07 (measured; a lane alone in its context is exact).
+OWN_WEIGHTS_BENCH_LANE = 1
 
 
 def spread_evenly(items: list, count: int) -> list:
@@ -462,17 +467,20 @@ def cmd_bench(args, settings: Settings) -> int:
     loaded = rss_mb()
     analyst = assistant.analyst
     methods = {"score": assistant.analyze}
+    resets = {"score": analyst.warm_prefix}
+    # The prompt-only and seed methods run on the model's own weights, without the head's LoRA
+    # adapter: the same prompt on a lane of its own, so that no method empties another's cache
+    # (switching lane 0's adapter per text would recompute its prefix twice per text).
+    own_weights = SentimentAnalyst(assistant.engine, analyst.prompt, lane=OWN_WEIGHTS_BENCH_LANE,
+                                   max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
     if assistant.head is not None:
-        methods["prompt"] = lambda text: assistant.analyze(text, method="prompt")
-    # The prompt-only and seed methods run on the model's own weights (no head adapter).
-    resets = {"score": analyst.warm_prefix, "prompt": lambda: analyst.warm_prefix(use_head=False)}
+        methods["prompt"], resets["prompt"] = own_weights.analyze, own_weights.warm_prefix
     if settings.sentiment_prompt != "original":
         # Plain one-pass scoring with the original prompt: what the default must not be slower than.
         plain = SentimentAnalyst(assistant.engine, sentiment_prompt("original"), lane=BENCH_LANE,
                                  max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
         methods["original-prompt"], resets["original-prompt"] = plain.analyze, plain.warm_prefix
-    methods["seed"] = lambda text: assistant.analyze(text, method="seed")
-    resets["seed"] = lambda: analyst.warm_prefix(use_head=False)
+    methods["seed"], resets["seed"] = own_weights.analyze_by_generation, own_weights.warm_prefix
 
     def baseline_model(chosen: str | None) -> Path:
         # The baselines run what a user would otherwise have run: the original Q4_K_M file.
