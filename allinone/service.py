@@ -112,7 +112,7 @@ class Assistant:
         sha = model_sha256(path, settings.resolved_home()) if path.is_file() else None
         head, chat_head = find_heads(settings, sha)
         # The chat lane reads hidden states only when a chat head is there to use them: it then
-        # lives in the tapped llama.cpp context, which must be full-size (+24 MB of KV cache).
+        # lives in a tapped llama.cpp context of its own, full-size (+48 MB of KV cache).
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
                              batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
                              repack=settings.repack,

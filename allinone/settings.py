@@ -42,10 +42,8 @@ class Settings(BaseSettings):
         "float32", description="Weights and compute type of the transformers engine (a GGUF is dequantised "
                                "to it); llama.cpp ignores it.")
     threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for inference.")
-    context_size: int = Field(4096, ge=256, description="Context window (tokens) shared by the cached chat prompts; "
-                                                        "the sentiment lane (llama.cpp) holds at most 2048 "
-                                                        "unless it shares its context with the chat lane "
-                                                        "(shared prefill).")
+    context_size: int = Field(4096, ge=256, description="Context window (tokens) of the chat and completion "
+                                                        "lanes; the sentiment lane (llama.cpp) holds at most 2048.")
     batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")
     sentiment_prompt: str = Field("fewshot", description="Name of the sentiment prompt (see `allinone roles`); "
                                                          "'original' is the first recipe's, verbatim.")

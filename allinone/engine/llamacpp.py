@@ -274,7 +274,8 @@ class LlamaCppEngine(Engine):
         if self.lane_adapter.get(lane) == path:
             return
         if lane != 0 or self.tapped_lanes < 1:
-            raise EngineError(f"lane {lane} shares its llama.cpp context: only lane 0 can take a LoRA adapter")
+            raise EngineError(f"only lane 0 (sentiment) can take a LoRA adapter, not lane {lane}: the other "
+                              "lanes' contexts hold other roles' or shared prefixes")
         if path is not None and path not in self._adapters:
             if not path.is_file():
                 raise EngineError(f"LoRA adapter not found: {path}")
