@@ -466,19 +466,22 @@ def cmd_bench(args, settings: Settings) -> int:
     assistant = load_assistant(settings)
     loaded = rss_mb()
     analyst = assistant.analyst
+
+    def analyst_on(engine, prompt_name: str, lane: int) -> SentimentAnalyst:
+        return SentimentAnalyst(engine, sentiment_prompt(prompt_name), lane=lane,
+                                max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
+
     methods = {"score": assistant.analyze}
     resets = {"score": analyst.warm_prefix}
     # The prompt-only and seed methods run on the model's own weights, without the head's LoRA
     # adapter: the same prompt on a lane of its own, so that no method empties another's cache
     # (switching lane 0's adapter per text would recompute its prefix twice per text).
-    own_weights = SentimentAnalyst(assistant.engine, analyst.prompt, lane=OWN_WEIGHTS_BENCH_LANE,
-                                   max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
+    own_weights = analyst_on(assistant.engine, settings.sentiment_prompt, OWN_WEIGHTS_BENCH_LANE)
     if assistant.head is not None:
         methods["prompt"], resets["prompt"] = own_weights.analyze, own_weights.warm_prefix
     if settings.sentiment_prompt != "original":
         # Plain one-pass scoring with the original prompt: what the default must not be slower than.
-        plain = SentimentAnalyst(assistant.engine, sentiment_prompt("original"), lane=BENCH_LANE,
-                                 max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
+        plain = analyst_on(assistant.engine, "original", BENCH_LANE)
         methods["original-prompt"], resets["original-prompt"] = plain.analyze, plain.warm_prefix
     methods["seed"], resets["seed"] = own_weights.analyze_by_generation, own_weights.warm_prefix
 
@@ -505,8 +508,7 @@ def cmd_bench(args, settings: Settings) -> int:
         # Our method without llama.cpp: one-pass scoring (the same prompt as `prompt`, the two
         # label tokens, prefix cache) on the recipe's own float32 model. No head: heads are
         # trained per model file, and this is the dequantised Q4_K_M.
-        ours_fp32 = SentimentAnalyst(original.engine, sentiment_prompt(settings.sentiment_prompt), lane=0,
-                                     max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
+        ours_fp32 = analyst_on(original.engine, settings.sentiment_prompt, 0)
         methods["prompt-transformers"] = lambda text: ours_fp32.analyze(text, use_head=False)
         resets["prompt-transformers"] = ours_fp32.warm_prefix
     raw = None

@@ -77,6 +77,9 @@ class _LayerTap:
         self.target: bytes | None = None
         self.value: np.ndarray | None = None
         self.stop = True
+        # A list to receive every token's row of each pass ([n_tokens, n_embd] per decode call),
+        # not only the last one's: offline tools (tools/sentiment_lora/capture.py) set it.
+        self.all_rows: list[np.ndarray] | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
     def arm(self, layers: int, stop: bool = True) -> None:
@@ -92,9 +95,16 @@ class _LayerTap:
             return self._ggml.ggml_get_name(tensor) == self.target
         # The node is [n_embd, n_tokens] float32, tokens in batch order: keep the last one.
         n_tokens = self._ggml.ggml_nelements(tensor) // self.n_embd
-        value = np.empty(self.n_embd, dtype=np.float32)
-        self._ggml.ggml_backend_tensor_get(tensor, value.ctypes.data, (n_tokens - 1) * self.n_embd * 4, self.n_embd * 4)
-        self.value = value
+        if self.all_rows is not None:
+            rows = np.empty((n_tokens, self.n_embd), dtype=np.float32)
+            self._ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
+            self.all_rows.append(rows)
+            self.value = rows[-1]
+        else:
+            value = np.empty(self.n_embd, dtype=np.float32)
+            self._ggml.ggml_backend_tensor_get(tensor, value.ctypes.data, (n_tokens - 1) * self.n_embd * 4,
+                                               self.n_embd * 4)
+            self.value = value
         return not self.stop  # False abandons the rest of the graph
 
 

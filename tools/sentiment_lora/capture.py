@@ -15,27 +15,11 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-import allinone.engine.llamacpp as llamacpp
+from allinone.engine.llamacpp import LlamaCppEngine
 from allinone.model.store import resolve_model_path
 from allinone.roles.prompts import sentiment_prompt
 from allinone.roles.sentiment import SentimentAnalyst
 from allinone.settings import Settings
-
-captured: list[np.ndarray] = []
-
-
-def keep_every_row(self, tensor, ask, user_data) -> bool:
-    """The engine's layer tap keeps only the last token's row; this keeps all of them (the tap's
-    own method, replaced for this script only)."""
-    if self.target is None:
-        return False
-    if ask:
-        return self._ggml.ggml_get_name(tensor) == self.target
-    rows = np.empty((self._ggml.ggml_nelements(tensor) // self.n_embd, self.n_embd), dtype=np.float32)
-    self._ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
-    captured.append(rows)
-    self.value = rows[-1]
-    return not self.stop
 
 
 def main() -> None:
@@ -45,10 +29,10 @@ def main() -> None:
     parser.add_argument("--frozen-blocks", type=int, default=12, help="blocks below the tuned ones")
     parser.add_argument("--sentiment-prompt", default="fewshot")
     args = parser.parse_args()
-    llamacpp._LayerTap._on_node = keep_every_row
     settings = Settings()
     model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
-    engine = llamacpp.LlamaCppEngine(model, n_lanes=1, threads=settings.threads)
+    engine = LlamaCppEngine(model, n_lanes=1, threads=settings.threads)
+    captured = engine._tap.all_rows = []  # every token's row, not only the last one's
     analyst = SentimentAnalyst(engine, sentiment_prompt(args.sentiment_prompt))
     before = len(analyst._before)
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]

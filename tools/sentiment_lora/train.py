@@ -63,7 +63,8 @@ def main() -> None:
     tuned = list(range(int(train["frozen_blocks"]), args.head_blocks))
     blocks = TunedBlocks(load_blocks(model, tuned), tuned, rank=args.rank, alpha=args.alpha)
     head = torch.nn.Linear(blocks.blocks[0].attn_norm.shape[0], 1)
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
     prefix = torch.tensor(train["prefix"])
     texts, labels = texts_of(train), torch.tensor(train["labels"].astype(np.float32))
     dev = np.load(args.dev) if args.dev else None
@@ -104,7 +105,9 @@ def main() -> None:
     writer.add_float32("adapter.lora.alpha", args.alpha)
     for name, tensor in blocks.lora_tensors().items():
         writer.add_tensor(name, tensor)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
     writer.close()
     settings = Settings()
     sha = model_sha256(Path(model), settings.resolved_home())
