@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from allinone.engine.base import ContextOverflow, EngineError, Sampling, log_softmax, sample_token
+from allinone.engine.base import ContextOverflow, EngineError, NgramGuard, Sampling, log_softmax, sample_token
 from allinone.engine.text import TextStream
 from allinone.roles.template import ChatTemplate
 
@@ -167,6 +167,40 @@ def test_generation_never_emits_a_suppressed_token():
     banned = frozenset({ord("l")})
     out = list(engine.generate(tokens, Sampling(max_tokens=20, suppress_tokens=banned)))
     assert out and ord("l") not in out
+
+
+def _runs(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def test_no_repeat_ngram_keeps_every_run_unique():
+    engine = FakeEngine(reply="la la la la la la la.")
+    tokens = engine.tokenize("<|im_start|>assistant\n", special=True)
+    free = list(engine.generate(tokens, Sampling(max_tokens=30)))
+    assert len(set(_runs(free, 3))) < len(_runs(free, 3))  # the script repeats itself
+    guarded = list(engine.generate(tokens, Sampling(max_tokens=30, no_repeat_ngram=3)))
+    assert len(set(_runs(guarded, 3))) == len(_runs(guarded, 3))
+
+
+def test_copy_guard_stops_long_runs_of_the_source():
+    message = "my cat ran away"
+    engine = FakeEngine(reply="my cat ran away, sorry.")
+    tokens = engine.tokenize("<|im_start|>assistant\n", special=True)
+    source = tuple(engine.tokenize(message))
+    free = list(engine.generate(tokens, Sampling(max_tokens=30)))
+    assert set(_runs(free, 5)) & set(_runs(list(source), 5))
+    guarded = list(engine.generate(tokens, Sampling(max_tokens=30, copy_source=source, max_copy=4)))
+    assert guarded[:4] == list(source[:4])  # four in a row are allowed...
+    assert not set(_runs(guarded, 5)) & set(_runs(list(source), 5))  # ...five are not
+
+
+def test_ngram_guard_bans_only_what_completes_a_forbidden_run():
+    guard = NgramGuard(Sampling(no_repeat_ngram=2, copy_source=(1, 2, 3), max_copy=2))
+    assert guard.banned([]) == []
+    assert guard.banned([7]) == []
+    assert guard.banned([7, 7]) == [7]  # (7, 7) was seen: a third 7 would repeat it
+    assert sorted(guard.banned([7, 7, 1, 2])) == [3]  # 1 2 3 would copy three tokens of the source
+    assert NgramGuard(Sampling(max_copy=2)).banned([1, 2]) == []  # no source: nothing to copy
 
 
 def test_user_content_cannot_forge_chat_turns():

@@ -47,6 +47,35 @@ class Sampling:
     repeat_penalty: float = 1.0  # 1 = off; applied to the tokens generated so far
     suppress_tokens: frozenset[int] = frozenset()  # never sampled (e.g. another script's characters)
     seed: int | None = None
+    no_repeat_ngram: int = 0  # 0 = off; else no run of this many tokens occurs twice in the output
+    copy_source: tuple[int, ...] = ()  # tokens the output may not copy long runs of (e.g. the user's message)
+    max_copy: int = 0  # longest run of copy_source the output may contain; 0 = no limit
+
+
+class NgramGuard:
+    """Which tokens would complete a forbidden run: a run of `no_repeat_ngram` tokens that the
+    output already holds, or a run of more than `max_copy` tokens of `copy_source`. Runs are
+    looked up by the tokens before their last, so a step costs two dictionary lookups."""
+
+    def __init__(self, sampling: Sampling):
+        self.repeat = sampling.no_repeat_ngram
+        self.copy = sampling.max_copy if sampling.copy_source else 0
+        self._seen: dict[tuple[int, ...], set[int]] = {}
+        self._source: dict[tuple[int, ...], set[int]] = {}
+        source = sampling.copy_source
+        for i in range(len(source) - self.copy) if self.copy else ():
+            self._source.setdefault(tuple(source[i:i + self.copy]), set()).add(source[i + self.copy])
+
+    def banned(self, generated: Sequence[int]) -> list[int]:
+        out: set[int] = set()
+        if self.repeat > 1 and len(generated) >= self.repeat - 1:
+            if len(generated) >= self.repeat:  # the run that ended with the previous token
+                run = tuple(generated[-self.repeat:])
+                self._seen.setdefault(run[:-1], set()).add(run[-1])
+            out |= self._seen.get(tuple(generated[len(generated) - self.repeat + 1:]), set())
+        if self.copy and len(generated) >= self.copy:
+            out |= self._source.get(tuple(generated[-self.copy:]), set())
+        return list(out)
 
 
 @dataclass
@@ -90,11 +119,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator,
-                 generated: Sequence[int], suppressed: np.ndarray | None = None) -> int:
-    """`suppressed`: sampling.suppress_tokens as an index array (built once per generation)."""
+                 generated: Sequence[int], suppressed: np.ndarray | None = None,
+                 banned: Sequence[int] = ()) -> int:
+    """`suppressed`: sampling.suppress_tokens as an index array (built once per generation);
+    `banned`: tokens forbidden at this step only (NgramGuard)."""
     logits = logits.astype(np.float64, copy=True)
     if suppressed is not None and suppressed.size:
         logits[suppressed] = -np.inf
+    if banned:
+        logits[list(banned)] = -np.inf
     if sampling.repeat_penalty != 1.0 and generated:
         # CTRL-style penalty, as llama.cpp applies it: shrink positive logits, grow negative ones.
         seen = np.fromiter(set(generated), dtype=np.int64)
@@ -349,13 +382,14 @@ class Engine(ABC):
         logits = self._evaluate(tokens, lane)
         rng = np.random.default_rng(sampling.seed)
         suppressed = self._suppressed_array(sampling.suppress_tokens)
+        guard = NgramGuard(sampling)
         generated: list[int] = []
         eog = self.eog_tokens
         state = self._lanes[lane]
         while True:
             if should_stop is not None and should_stop():
                 return "cancelled"
-            token = sample_token(logits, sampling, rng, generated, suppressed)
+            token = sample_token(logits, sampling, rng, generated, suppressed, guard.banned(generated))
             if token in eog:
                 return "stop"
             generated.append(token)
