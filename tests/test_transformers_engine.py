@@ -174,6 +174,26 @@ def test_real_model_through_transformers_agrees_with_llamacpp(hf_assistant, assi
     np.testing.assert_allclose(hf_assistant.analyst.label_logprobs(AGREEMENT_TEXTS[0][0])[0], cached, atol=1e-3)
 
 
+def test_the_packaged_adapters_run_through_transformers_too(hf_assistant, assistant):
+    """The default model's packaged heads and chat adapter come with LoRA adapters (llama.cpp
+    adapter GGUFs); the transformers engine applies them by forward hooks, so the second engine
+    keeps working on the default model and agrees with llama.cpp."""
+    hf_assistant.use_heads(assistant.head, None)
+    for text, expected in AGREEMENT_TEXTS:
+        ours, theirs = hf_assistant.analyze(text), assistant.analyze(text)
+        assert ours.label == theirs.label == expected, text
+        assert abs(ours.probability - theirs.probability) < 0.1, text
+    assert hf_assistant.engine.lane_adapter == {0: assistant.head.adapter}
+    hf_assistant.chat.use_adapter(assistant.chat.adapter)
+    tokens, _, _ = assistant.chat.prompt_tokens([], "I got my first job offer!", "positive", 8)
+    ours = hf_assistant.engine.logits(tokens, lane=1)
+    theirs = assistant.engine.logits(tokens, lane=1)
+    assert int(np.argmax(theirs)) in np.argsort(ours)[-3:]  # the first reply token, within float noise
+    hf_assistant.chat.use_adapter(None)
+    plain = hf_assistant.engine.logits(tokens, lane=1)
+    assert np.abs(plain - ours).max() > 1.0  # the adapter really changed the chat lane
+
+
 def test_the_benchmarks_original_recipe_agrees_with_the_seed_method(tiny_model_dir, tiny_engine):
     from allinone.evaluation.original import OriginalRecipe
 
@@ -196,3 +216,53 @@ def test_hidden_state_is_the_hf_residual_stream_after_that_many_blocks(tiny_engi
     expected = out.hidden_states[1][0, -1].float().numpy()
     assert np.allclose(cached, expected, atol=1e-4)
     assert tiny_engine.hidden_size == expected.shape[0] and tiny_engine.n_layers == 2
+
+
+def write_tiny_adapter(path, engine, alpha=4.0, rank=2, seed=0):
+    """A llama.cpp adapter GGUF for the tiny model: LoRA on block 1's query and down projections."""
+    from gguf import GGUFWriter
+
+    rng = np.random.default_rng(seed)
+    layer = engine.hf_model.model.layers[1]
+    tensors = {}
+    for name, module in (("attn_q", layer.self_attn.q_proj), ("ffn_down", layer.mlp.down_proj)):
+        tensors[f"blk.1.{name}.weight.lora_a"] = rng.normal(size=(rank, module.in_features)).astype(np.float32)
+        tensors[f"blk.1.{name}.weight.lora_b"] = rng.normal(size=(module.out_features, rank)).astype(np.float32)
+    writer = GGUFWriter(str(path), arch="qwen2")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors, alpha / rank
+
+
+def test_a_lora_adapter_applies_to_its_lane_only_as_merged_weights_would(tiny_model_dir, tmp_path):
+    import torch
+
+    from allinone.engine.transformers import TransformersEngine
+
+    engine = TransformersEngine(tiny_model_dir, context_size=512, n_lanes=2)
+    tokens = engine.tokenize("The service was slow and the food was cold.")
+    plain = engine.logits(tokens, lane=0)
+    tensors, scale = write_tiny_adapter(tmp_path / "tiny.lora.gguf", engine)
+    engine.use_adapter(1, tmp_path / "tiny.lora.gguf")
+    adapted = engine.logits(tokens, lane=1)
+    np.testing.assert_allclose(engine.logits(tokens, lane=0), plain, atol=1e-5)  # lane 0 unchanged
+    assert not np.allclose(adapted, plain, atol=1e-3)
+
+    merged = TransformersEngine(tiny_model_dir, context_size=512, n_lanes=1)
+    layer = merged.hf_model.model.layers[1]
+    with torch.no_grad():
+        for name, module in (("attn_q", layer.self_attn.q_proj), ("ffn_down", layer.mlp.down_proj)):
+            a, b = tensors[f"blk.1.{name}.weight.lora_a"], tensors[f"blk.1.{name}.weight.lora_b"]
+            module.weight += torch.tensor(b @ a * scale)
+    np.testing.assert_allclose(adapted, merged.logits(tokens, lane=0), atol=1e-3)
+    engine.use_adapter(1, None)
+    np.testing.assert_allclose(engine.logits(tokens, lane=1), plain, atol=1e-5)
+    with pytest.raises(EngineError, match="not found"):
+        engine.use_adapter(1, tmp_path / "missing.gguf")

@@ -78,7 +78,7 @@ class _LayerTap:
         self.value: np.ndarray | None = None
         self.stop = True
         # A list to receive every token's row of each pass ([n_tokens, n_embd] per decode call),
-        # not only the last one's: offline tools (tools/sentiment_lora/capture.py) set it.
+        # not only the last one's (hidden_states_of_new_tokens).
         self.all_rows: list[np.ndarray] | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
@@ -278,14 +278,18 @@ class LlamaCppEngine(Engine):
     # ---- adapters ---------------------------------------------------------------------------
     def use_adapter(self, lane: int, path: Path | None) -> None:
         """Apply a LoRA adapter (a llama.cpp adapter GGUF for this model) to every pass on `lane`,
-        or none. Only lane 0 has a context of its own, so only it can take one. The lane's cache was
-        computed with the old weights: it is emptied when the adapter changes."""
+        or none. llama.cpp sets adapters per context, so only a lane alone in its context can take
+        one: lane 0 (sentiment) always, lane 1 (chat) when it has a tapped context of its own. The
+        lane's cache was computed with the old weights: it is emptied when the adapter changes."""
         path = Path(path) if path is not None else None
+        self._check_lane(lane)
         if self.lane_adapter.get(lane) == path:
             return
-        if lane != 0 or self.tapped_lanes < 1:
-            raise EngineError(f"only lane 0 (sentiment) can take a LoRA adapter, not lane {lane}: the other "
-                              "lanes' contexts hold other roles' or shared prefixes")
+        context = self._lane_context[lane]
+        if not self.lane_alone(lane):
+            raise EngineError(f"lane {lane} shares its llama.cpp context with other lanes, so it cannot take a "
+                              "LoRA adapter of its own (the lanes with a context of their own: "
+                              f"{', '.join(str(i) for i in range(self.n_lanes) if self.lane_alone(i)) or 'none'})")
         if path is not None and path not in self._adapters:
             if not path.is_file():
                 raise EngineError(f"LoRA adapter not found: {path}")
@@ -293,7 +297,6 @@ class LlamaCppEngine(Engine):
             if not adapter:
                 raise EngineError(f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}")
             self._adapters[path] = adapter
-        context = self._lane_context[lane]
         if path is None:
             code = self._lib.llama_set_adapters_lora(context.ctx, None, 0, None)
         else:
@@ -306,6 +309,23 @@ class LlamaCppEngine(Engine):
         else:
             self.lane_adapter[lane] = path
         self.forget(lane)
+
+    def hidden_states_of_new_tokens(self, tokens: Sequence[int], layers: int, *, lane: int = 0) -> np.ndarray:
+        """Like hidden_state, but the residual stream of every token this call evaluates
+        ([n, hidden]; `last_stats.reused` leading tokens came from the cache and have no row). For
+        offline tools that train on the residual stream (tools/sentiment_lora, tools/chat_lora)."""
+        rows: list[np.ndarray] = []
+        self._tap.all_rows = rows
+        try:
+            self.hidden_state(tokens, layers, lane=lane)
+        finally:
+            self._tap.all_rows = None
+        return np.concatenate(rows)
+
+    def lane_alone(self, lane: int) -> bool:
+        """Whether no other lane shares this lane's llama.cpp context (so it can run an adapter)."""
+        context = self._lane_context[lane]
+        return sum(c is context for c in self._lane_context) == 1
 
     # ---- KV primitives ----------------------------------------------------------------------
     def _kv_truncate(self, lane: int, keep: int) -> None:

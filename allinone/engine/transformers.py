@@ -168,6 +168,11 @@ class TransformersEngine(Engine):
             template = template.get("default") or next(iter(template.values()), None)
         self._chat_template = template or None
         self._caches: list = [None] * n_lanes  # one DynamicCache (or None = empty) per lane
+        # LoRA adapters (llama.cpp adapter GGUFs) by file, and the lane whose pass is running: the
+        # projections' forward hooks add the running lane's adapter, if it has one.
+        self._adapters: dict[Path, dict] = {}
+        self._running_lane = 0
+        self._hooks: list = []
 
     def _find_eog(self, model) -> frozenset[int]:
         ids: set[int] = set()
@@ -182,6 +187,9 @@ class TransformersEngine(Engine):
         return frozenset(i for i in ids if 0 <= i < self.n_vocab)
 
     def close(self) -> None:
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks, self._adapters = [], {}
         self._caches = [None] * self.n_lanes
         self._model = self._decoder = self._lm_head = None
 
@@ -225,6 +233,70 @@ class TransformersEngine(Engine):
             if isinstance(value, str) and value:
                 texts[name] = value
         return texts
+
+    # ---- adapters ---------------------------------------------------------------------------
+    # llama.cpp's tensor names of the projections an adapter may change, and the module of a
+    # Hugging Face decoder layer each one is.
+    _PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj"}
+
+    def use_adapter(self, lane: int, path: Path | None) -> None:
+        """Apply a LoRA adapter (the llama.cpp adapter GGUF the llama.cpp engine takes) to every
+        pass on `lane`, or none: y = W x + (alpha / rank) B A x on each adapted projection, as
+        llama.cpp computes it, by forward hooks that look at which lane is running. The lane's
+        cache was computed with the old weights: it is emptied when the adapter changes."""
+        path = Path(path) if path is not None else None
+        self._check_lane(lane)
+        if self.lane_adapter.get(lane) == path:
+            return
+        if path is not None and path not in self._adapters:
+            self._adapters[path] = self._load_adapter(path)
+        if path is None:
+            self.lane_adapter.pop(lane, None)
+        else:
+            self.lane_adapter[lane] = path
+        self.forget(lane)
+
+    def _load_adapter(self, path: Path) -> dict:
+        import gguf
+
+        torch = self._torch
+        if not path.is_file():
+            raise EngineError(f"LoRA adapter not found: {path}")
+        try:
+            reader = gguf.GGUFReader(str(path))
+            field = reader.fields["adapter.lora.alpha"]
+            alpha = float(field.parts[field.data[0]][0])
+            tensors = {t.name: torch.tensor(np.asarray(t.data, dtype=np.float32).reshape(
+                [int(n) for n in reversed(t.shape)]), dtype=self._model.dtype) for t in reader.tensors}
+        except (OSError, ValueError, KeyError, IndexError) as err:
+            raise EngineError(f"{path}: not a LoRA adapter GGUF ({err})") from None
+        layers = self._decoder.layers
+        pairs = {}
+        for name, a in tensors.items():
+            if not name.endswith(".weight.lora_a"):
+                continue
+            block, index, projection = name.split(".")[:3]
+            b = tensors.get(name[:-1] + "b")
+            if block != "blk" or projection not in self._PROJECTIONS or b is None or int(index) >= len(layers):
+                raise EngineError(f"{path}: adapter tensor {name} does not fit {self.description}")
+            module = layers[int(index)].get_submodule(self._PROJECTIONS[projection])
+            if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+                raise EngineError(f"{path}: adapter tensor {name} does not fit {self.description}")
+            pairs[module] = (a, b, alpha / a.shape[0])
+        if not self._hooks:  # every projection gets a hook once; it does nothing without an adapter
+            for layer in layers:
+                for module_name in self._PROJECTIONS.values():
+                    self._hooks.append(layer.get_submodule(module_name).register_forward_hook(self._add_lora))
+        return pairs
+
+    def _add_lora(self, module, inputs, output):
+        path = self.lane_adapter.get(self._running_lane)
+        if path is None or module not in self._adapters[path]:
+            return output
+        a, b, scale = self._adapters[path][module]
+        return output + (inputs[0] @ a.t()) @ b.t() * scale
 
     # ---- KV primitives ----------------------------------------------------------------------
     def _cache_length(self, lane: int) -> int:
@@ -276,6 +348,7 @@ class TransformersEngine(Engine):
             self._caches[lane] = DynamicCache(config=self._config)
         cache = self._caches[lane]
         hidden = None
+        self._running_lane = lane
         with torch.inference_mode():
             for offset in range(0, len(tokens), self.batch_size):
                 chunk = list(tokens[offset: offset + self.batch_size])
