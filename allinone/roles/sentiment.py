@@ -99,6 +99,11 @@ class SentimentAnalyst:
         # Multi-token label words are scored by their first token, which must then differ.
         return ids[0]
 
+    @property
+    def prefix_tokens(self) -> list[int]:
+        """The prompt's fixed beginning, the same for every text."""
+        return list(self._before)
+
     def warm_prefix(self, *, use_head: bool = True) -> None:
         """Leave the lane holding just the prompt's fixed beginning: the state a request finds
         when the previous one was a different text (used to time methods fairly). `use_head`:

@@ -32,23 +32,18 @@ def main() -> None:
     settings = Settings()
     model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
     engine = LlamaCppEngine(model, n_lanes=1, threads=settings.threads)
-    captured = engine._tap.all_rows = []  # every token's row, not only the last one's
     analyst = SentimentAnalyst(engine, sentiment_prompt(args.sentiment_prompt))
-    before = len(analyst._before)
+    before = len(analyst.prefix_tokens)
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
 
-    captured.clear()
-    engine.hidden_state(analyst._before, args.frozen_blocks)
-    prefix = np.concatenate(captured)
+    prefix = engine.hidden_states_of_new_tokens(analyst.prefix_tokens, args.frozen_blocks)
     assert prefix.shape[0] == before
     states, lengths = [], []
     for row in tqdm(rows, mininterval=20, desc="capture"):
         analyst.warm_prefix()  # the lane holds exactly the prompt's beginning: the text is all new
         tokens, _ = analyst.prompt_tokens(row["text"])
-        captured.clear()
-        engine.hidden_state(tokens, args.frozen_blocks)
+        evaluated = engine.hidden_states_of_new_tokens(tokens, args.frozen_blocks)
         reused = engine.last_stats.reused
-        evaluated = np.concatenate(captured)
         assert evaluated.shape[0] == len(tokens) - reused and reused <= before
         states.append(evaluated[before - reused:].astype(np.float16))
         lengths.append(states[-1].shape[0])

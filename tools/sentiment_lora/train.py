@@ -14,17 +14,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFWriter
 
 from allinone.model.store import model_sha256
 from allinone.roles.head import SentimentHead
 from allinone.settings import Settings
-from blocks import TunedBlocks, load_blocks, rms_norm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora.blocks import TunedBlocks, load_blocks, rms_norm, write_adapter  # noqa: E402
 
 
 def texts_of(capture) -> list[torch.Tensor]:
@@ -99,16 +101,7 @@ def main() -> None:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     adapter = output / "adapter.tmp.gguf"
-    writer = GGUFWriter(str(adapter), arch="qwen2")
-    writer.add_type("adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", args.alpha)
-    for name, tensor in blocks.lora_tensors().items():
-        writer.add_tensor(name, tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_adapter(adapter, blocks.lora_tensors(), args.alpha)
     settings = Settings()
     sha = model_sha256(Path(model), settings.resolved_home())
     saved = SentimentHead(
