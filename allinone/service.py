@@ -14,6 +14,7 @@ from .engine import open_engine
 from .engine.base import Engine, Sampling
 from .engine.text import TextStream
 from .model.store import model_sha256, resolve_model_path
+from .roles.adapter import ChatAdapter
 from .roles.head import SentimentHead
 from .roles.chat import ChatRole
 from .roles.prompts import chat_prompt, sentiment_prompt
@@ -71,9 +72,23 @@ def heads_directory(settings: Settings) -> Path:
     return settings.resolved_home() / "heads"
 
 
-def find_heads(settings: Settings, model_sha: str | None) -> tuple[SentimentHead | None, SentimentHead | None]:
+def adapters_directory(settings: Settings) -> Path:
+    """Where the user's own chat adapters live (they win over the packaged ones)."""
+    return settings.resolved_home() / "adapters"
+
+
+def find_chat_adapter(settings: Settings, model_sha: str | None) -> ChatAdapter | None:
+    """The chat role's LoRA adapter for this model and chat prompt, if any (settings.chat_adapter off: none)."""
+    if not (settings.chat_adapter and model_sha):
+        return None
+    return ChatAdapter.find(model_sha, chat_prompt(settings.chat_prompt).key, adapters_directory(settings))
+
+
+def find_heads(settings: Settings, model_sha: str | None, chat_adapter: ChatAdapter | None = None
+               ) -> tuple[SentimentHead | None, SentimentHead | None]:
     """The learned heads for this model, if any (settings.sentiment_head off: none): the
-    analyst's, for its sentiment prompt, and, with shared_prefill, the chat prompt's."""
+    analyst's, for its sentiment prompt, and, with shared_prefill, the chat prompt's, for the
+    weights the chat lane runs (the model's own or `chat_adapter`)."""
     if not (settings.sentiment_head and model_sha):
         return None, None
     directory = heads_directory(settings)
@@ -81,7 +96,8 @@ def find_heads(settings: Settings, model_sha: str | None) -> tuple[SentimentHead
     chat = chat_prompt(settings.chat_prompt)
     chat_head = None
     if settings.shared_prefill and chat.sentiment_follows_message:
-        chat_head = SentimentHead.find(model_sha, chat.head_key, directory)
+        key = chat.head_key(chat_adapter.sha256 if chat_adapter is not None else None)
+        chat_head = SentimentHead.find(model_sha, key, directory)
     return head, chat_head
 
 
@@ -110,15 +126,17 @@ class Assistant:
         path = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
         start = time.perf_counter()
         sha = model_sha256(path, settings.resolved_home()) if path.is_file() else None
-        head, chat_head = find_heads(settings, sha)
-        # The chat lane reads hidden states only when a chat head is there to use them: it then
-        # lives in a tapped llama.cpp context of its own, full-size (+48 MB of KV cache).
+        adapter = find_chat_adapter(settings, sha)
+        head, chat_head = find_heads(settings, sha, adapter)
+        # The chat lane gets a llama.cpp context of its own (full-size, +48 MB of KV cache) when a
+        # chat head reads hidden states on it or it runs an adapter (llama.cpp sets adapters per context).
+        own_chat_context = chat_head or adapter or chat_lane_reads_hidden_states
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
                              batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
                              repack=settings.repack,
-                             hidden_state_lanes=CHAT_LANE + 1 if chat_head or chat_lane_reads_hidden_states
-                             else SENTIMENT_LANE + 1)
+                             hidden_state_lanes=CHAT_LANE + 1 if own_chat_context else SENTIMENT_LANE + 1)
         assistant = cls(engine=engine, settings=settings, model_path=path)
+        assistant.chat.use_adapter(adapter)
         assistant.use_heads(head, chat_head)
         assistant.load_seconds = time.perf_counter() - start
         return assistant
@@ -138,15 +156,22 @@ class Assistant:
         self.head, self.chat_head = head, chat_head
         self.analyst.use_head(head)
 
+    def use_chat_adapter(self, adapter: ChatAdapter | None) -> None:
+        """Run the chat lane with this adapter (None: the model's own weights), and read the
+        respond flow's sentiment with the chat head made for those weights, if there is one."""
+        self.chat.use_adapter(adapter)
+        self.use_heads(self.head, find_heads(self.settings, self.model_sha256(), adapter)[1])
+
     def attach_head(self) -> SentimentHead | None:
         """Look the heads up again (after training one) and use them; returns the analyst's."""
-        self.use_heads(*find_heads(self.settings, self.model_sha256()))
+        self.use_heads(*find_heads(self.settings, self.model_sha256(), self.chat.adapter))
         return self.head
 
     def default_sampling(self) -> Sampling:
         s = self.settings
         return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p,
-                        repeat_penalty=s.repeat_penalty)
+                        repeat_penalty=s.repeat_penalty, no_repeat_ngram=s.reply_no_repeat_ngram,
+                        max_copy=s.reply_max_copy)
 
     def analyze(self, text: str, *, method: str = "score") -> Sentiment:
         if method == "score":
@@ -155,7 +180,13 @@ class Assistant:
             return self.analyst.analyze(text, use_head=False)
         if method == "seed":
             return self.analyst.analyze_by_generation(text)
-        raise ValueError(f"unknown method {method!r} (score, prompt or seed)")
+        if method == "chat":  # what the respond flow detects for this text as a first message
+            if self.chat_head is None:
+                raise ValueError("no chat head: the respond flow asks the analyst")
+            validate_text(text, self.settings.max_text_chars)
+            tokens, _, message_end = self.chat.prompt_tokens([], text, None, 1)
+            return self._sentiment_on_the_chat_pass(tokens[:message_end])
+        raise ValueError(f"unknown method {method!r} (score, prompt, seed or chat)")
 
     def respond(self, conversation: Conversation, message: str, *, sampling: Sampling | None = None,
                 should_stop: Callable[[], bool] | None = None, shared_prefill: bool = True) -> Response:
@@ -172,6 +203,8 @@ class Assistant:
         if self.settings.reply_in_script:
             sampling = dataclasses.replace(sampling, suppress_tokens=sampling.suppress_tokens
                                            | self.chat.script_guard(message))
+        if sampling.max_copy:
+            sampling = dataclasses.replace(sampling, copy_source=tuple(self.engine.tokenize(message)))
         turns = conversation.turns
         cached = None  # prompt tokens this respond did not evaluate: known after its first pass
         if self.chat_head is not None and shared_prefill:

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                                    "read by a head trained at the end of the message in the chat "
                                                    "prompt (packaged, or `allinone train-head --role chat`); without "
                                                    "one, the analyst scores the message on a pass of its own.")
+    chat_adapter: bool = Field(True, description="Run the chat role with the LoRA adapter trained for this model and "
+                                                 "chat prompt when one exists (packaged, or in <home>/adapters); off = "
+                                                 "the model's own weights. Only the chat lane runs it.")
     engine: Literal["auto", "llamacpp", "transformers"] = Field(
         "auto", description="Inference engine; 'auto' picks llama.cpp for .gguf files and transformers "
                             "(PyTorch, the optional extra) for a Hugging Face directory with config.json.")
@@ -62,6 +65,11 @@ class Settings(BaseSettings):
     repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="Chat repetition penalty on the tokens generated "
                                                                    "so far (1 = off); 1.1 stops the loops the 0.5B model "
                                                                    "falls into (eval-chat 0.85 -> 0.875).")
+    reply_no_repeat_ngram: int = Field(0, ge=0, description="A chat reply never says the same run of this many "
+                                                            "tokens twice (0 = off).")
+    reply_max_copy: int = Field(0, ge=0, description="Longest run of the user's message, in tokens, that a chat reply "
+                                                     "may repeat (0 = no limit): a reply should answer the message, "
+                                                     "not hand it back.")
 
     # ---- the HTTP service (`allinone serve`) ----
     host: str = Field("127.0.0.1", description="Address the server binds to. Anything other than a loopback "

@@ -221,7 +221,7 @@ def test_the_heads_adapter_runs_for_the_heads_passes_only(tmp_path):
     analyst.warm_prefix()
     analyst.analyze("good")
     assert engine.passes == [("head", adapter), ("prompt", None), ("prompt", adapter), ("head", adapter)]
-    with pytest.raises(HeadError, match="LoRA adapter"):
+    with pytest.raises(HeadError, match="other weights than the ones it is meant for"):
         train_head(analyst.reading_point(), *texts_and_labels(analyst, n=40), model_sha256="f00d")
     analyst.use_head(None)
     assert engine.lane_adapter == {}
@@ -234,3 +234,23 @@ def test_an_engine_without_adapter_support_refuses_one(tmp_path):
     engine.use_adapter(0, None)
     with pytest.raises(EngineError, match="cannot apply LoRA adapters"):
         engine.use_adapter(0, tmp_path / "a.gguf")
+
+
+def test_a_chat_head_reads_the_weights_the_chat_lane_runs(tmp_path):
+    """A chat head is trained on the chat lane with the chat adapter in place (the respond flow
+    reads it there); reading with other weights than the point names is refused."""
+    from allinone.roles.adapter import ChatAdapter
+    from allinone.roles.chat import ChatRole
+    from allinone.roles.head import collect_features
+    from allinone.roles.prompts import chat_prompt
+
+    engine = AdapterEngine()
+    chat = ChatRole(engine, chat_prompt("warm"), lane=1)
+    adapter = ChatAdapter(model_sha256="f00d", prompt="chat-warm", path=tmp_path / "c.gguf", sha256="c0" * 32)
+    chat.use_adapter(adapter)
+    point = chat.reading_point()
+    assert point.key == "chat-warm@c0c0c0c0c0c0" and point.adapter == adapter.path
+    assert collect_features(point, ["good", "bad"], 2).shape == (2, 16)
+    engine.use_adapter(1, None)  # the lane changed under the point
+    with pytest.raises(HeadError, match="other weights"):
+        collect_features(point, ["good"], 2)

@@ -7,6 +7,7 @@ from typing import Sequence
 from ..conversation.history import Turn, fit_turns
 from ..engine.base import Engine, Sampling
 from ..engine.text import TextStream
+from .adapter import ChatAdapter
 from .head import ReadingPoint
 from .language import detect_language
 from .prompts import ChatPrompt
@@ -32,6 +33,17 @@ class ChatRole:
         self.reply_max_tokens = reply_max_tokens
         self.template = ChatTemplate(engine)
         self._east_asian_tokens: frozenset[int] | None = None
+        self.adapter: ChatAdapter | None = None
+
+    def use_adapter(self, adapter: ChatAdapter | None) -> None:
+        """Run the chat lane with this LoRA adapter (roles/adapter.py), or on the model's own weights."""
+        self.engine.use_adapter(self.lane, adapter.path if adapter is not None else None)
+        self.adapter = adapter
+
+    @property
+    def head_key(self) -> str:
+        """The key of a head that reads this role's pass, with its current weights."""
+        return self.prompt.head_key(self.adapter.sha256 if self.adapter is not None else None)
 
     def script_guard(self, message: str) -> frozenset[int]:
         """Tokens the reply to `message` must not use. The 0.5B model, told in Chinese how to
@@ -72,7 +84,8 @@ class ChatRole:
             ids, _, message_end = self.prompt_tokens([], text, None, 1)
             return ids[:message_end]
 
-        return ReadingPoint(key=self.prompt.head_key, engine=self.engine, lane=self.lane, tokens=tokens)
+        return ReadingPoint(key=self.head_key, engine=self.engine, lane=self.lane, tokens=tokens,
+                            adapter=self.adapter.path if self.adapter is not None else None)
 
     def _turn_content(self, turn: Turn) -> str | tuple[str, ...]:
         parts = self.user_parts(turn.message, turn.sentiment)

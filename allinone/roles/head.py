@@ -67,6 +67,9 @@ class ReadingPoint:
     lane: int
     tokens: Callable[[str], list[int]]
     prompt_alone: Callable[[str], float] | None = None
+    # The LoRA adapter the lane runs while the head reads (None: the model's own weights); a head
+    # fits only the weights it was trained on.
+    adapter: Path | None = None
 
 
 @dataclass
@@ -214,8 +217,11 @@ MIN_PER_LABEL = 5
 def collect_features(point: ReadingPoint, texts: Sequence[str], layers: int,
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Normalised residual streams after `layers` blocks at the reading point."""
-    if point.engine.lane_adapter.get(point.lane) is not None:
-        raise HeadError("the lane runs with a head's LoRA adapter: a new head must read the model's own weights")
+    running = point.engine.lane_adapter.get(point.lane)
+    if running != point.adapter:
+        raise HeadError(f"the lane runs with {running.name if running else 'the model’s own weights'}, not with "
+                        f"{point.adapter.name if point.adapter else 'the model’s own weights'}: the head would read "
+                        "other weights than the ones it is meant for")
     rows = []
     for text in texts:
         rows.append(normalise(point.engine.hidden_state(point.tokens(text), layers, lane=point.lane)))

@@ -55,9 +55,15 @@ class ChatPrompt:
         return "{tag}" not in self.user_template.split("{message}")[0]
 
     @property
-    def head_key(self) -> str:
-        """The key of a head that reads at the end of the user's message in this prompt."""
+    def key(self) -> str:
+        """What heads and adapters made for this prompt are filed under."""
         return f"chat-{self.name}"
+
+    def head_key(self, adapter_sha256: str | None = None) -> str:
+        """The key of a head that reads at the end of the user's message in this prompt, on a
+        chat lane that runs the adapter with this sha256 (None: the model's own weights): the
+        adapter changes the states the head reads, so a head fits only the weights it read."""
+        return self.key if adapter_sha256 is None else f"{self.key}@{adapter_sha256[:12]}"
 
 
 # From ../shared/data/sentiment-train.jsonl (never the dev set), chosen to show the convention on

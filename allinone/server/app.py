@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -380,9 +381,12 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
             raise ApiError(422, f"message: {str(err).replace('text', 'message', 1)}") from None
         session_id = body.session_id or uuid.uuid4().hex
         defaults = assistant.default_sampling()
-        sampling = Sampling(max_tokens=min(body.max_tokens or defaults.max_tokens, settings.reply_max_tokens),
-                            temperature=defaults.temperature if body.temperature is None else body.temperature,
-                            top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed)
+        # The reply's own guards (repetition penalty, no-repeat rule) stay as configured; a request
+        # sets only what it names.
+        sampling = dataclasses.replace(
+            defaults, max_tokens=min(body.max_tokens or defaults.max_tokens, settings.reply_max_tokens),
+            temperature=defaults.temperature if body.temperature is None else body.temperature,
+            top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed)
 
         def run(job: Job):
             turns = store.turns(session_id)
