@@ -170,6 +170,23 @@ def test_eval_chat_reports_pass_rate_and_writes_replies(cli_env, tmp_path):
     assert all(r["reply"].strip() and isinstance(r["failures"], list) for r in replies)
 
 
+def test_eval_chat_turns_follows_scripted_conversations(cli_env, tmp_path):
+    data, out = tmp_path / "turns.jsonl", tmp_path / "replies.jsonl"
+    write_jsonl(data, [{"id": "c1", "lang": "en", "turns": [
+        {"message": "My cat has been sick all week.", "sentiment": "negative"},
+        {"message": "The vet says she will be fine!", "sentiment": "positive", "expect_any": ["cat", "she", "her"]}]}])
+    code, stdout, err = run(["eval-chat", str(data), "--turns", "--json", "--out", str(out),
+                             "--reply-max-tokens", "40"], cli_env)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["conversations"] == 1 and report["n"] == 2 and set(report["pass_rate_by_turn"]) == {"1", "2"}
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["turn"] for r in rows] == [1, 2] and all(r["reply"].strip() for r in rows)
+    code, stdout, err = run(["eval-chat", "--turns", "--json", "--reply-max-tokens", "8", "--quiet"], cli_env)
+    assert code == 0, err  # the packaged scripted conversations
+    assert json.loads(stdout)["conversations"] >= 8
+
+
 def test_eval_chat_rejects_malformed_messages(cli_env, tmp_path):
     data = tmp_path / "chat.jsonl"
     write_jsonl(data, [{"id": "a", "lang": "fr", "sentiment": "positive", "message": "salut"}])
@@ -296,7 +313,7 @@ def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_en
     code, out, err = run(["train-head", str(data), "--role", "chat", "--json", "--quiet"], env, timeout=900)
     assert code == 0, err
     report = json.loads(out)
-    assert report["reads"] == "chat-warm" and report["heldout_accuracy_prompt"] is None
+    assert report["reads"].startswith("chat-warm@") and report["heldout_accuracy_prompt"] is None  # the adapted lane
     assert (tmp_path / "home" / "heads" / report["head"].rsplit("/", 1)[-1]).is_file()
     assert detected() == ["负面", "正面"]  # the user's head, trained on inverted labels, wins
     assert detected("--shared-prefill", "false") == ["正面", "负面"]  # the analyst's head, on its own pass

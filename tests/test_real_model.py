@@ -123,8 +123,8 @@ def test_the_packaged_heads_adapter_changes_only_its_blocks_on_the_sentiment_lan
     assert assistant.analyze(text, method="prompt").probability is not None and engine.lane_adapter == {}
     assert abs(analyst.positive_probability(text).value - adapted) < 1e-3
     assert engine.lane_adapter == {0: head.adapter}
-    with pytest.raises(EngineError, match="only lane 0"):
-        engine.use_adapter(1, head.adapter)
+    with pytest.raises(EngineError, match="shares its llama.cpp context"):
+        engine.use_adapter(2, head.adapter)  # the completion lanes share a context
 
 
 def test_only_the_tapped_lanes_read_hidden_states(assistant):
@@ -147,7 +147,7 @@ def test_one_pass_for_both_roles_replies_as_a_fresh_evaluation_does(assistant):
     the reply continues from those KV entries: it must be the reply a fresh evaluation of the
     whole prompt gives, and block 15 read on a complete pass must be block 15 of a stopped one."""
     engine, chat = assistant.engine, assistant.chat
-    assert assistant.chat_head is not None and assistant.chat_head.prompt == "chat-warm"
+    assert assistant.chat_head is not None and assistant.chat_head.prompt == assistant.chat.head_key
     message = "考研成绩出来了,比预期高了二十分!"
     sampling = Sampling(max_tokens=24)
     engine.forget()
@@ -163,6 +163,33 @@ def test_one_pass_for_both_roles_replies_as_a_fresh_evaluation_does(assistant):
     engine.forget()
     complete = engine.hidden_state(tokens[:end], 15, lane=1, complete=True)
     np.testing.assert_allclose(stopped, complete, atol=1e-4)
+
+
+def test_the_chat_adapter_changes_the_chat_lane_only(assistant):
+    """The packaged chat adapter (roles/adapter.py, verified by sha256 on load) runs on the chat
+    lane: replies change, the analyst's scores do not, and the respond flow's sentiment comes from
+    the chat head trained on the adapted lane."""
+    from allinone.roles.adapter import file_sha256
+
+    engine, chat = assistant.engine, assistant.chat
+    adapter = chat.adapter
+    assert adapter is not None and file_sha256(adapter.path) == adapter.sha256
+    assert engine.lane_adapter == {0: assistant.head.adapter, 1: adapter.path}
+    assert assistant.chat_head.prompt == chat.prompt.head_key(adapter.sha256)
+    texts = [t for t, _ in CLEAR_CASES]
+    with_chat_adapter = [assistant.analyze(t).probability for t in texts]
+    message = "I got my first job offer as a software engineer."
+    sampling = Sampling(max_tokens=32)
+    adapted = assistant.respond(Conversation(), message, sampling=sampling).text()
+    try:
+        assistant.use_chat_adapter(None)
+        assert engine.lane_adapter == {0: assistant.head.adapter}
+        assert assistant.chat_head is None or assistant.chat_head.prompt == "chat-warm"
+        assert [assistant.analyze(t).probability for t in texts] == with_chat_adapter
+        plain = assistant.respond(Conversation(), message, sampling=sampling).text()
+    finally:
+        assistant.use_chat_adapter(adapter)
+    assert adapted.strip() and plain.strip() and adapted != plain
 
 
 def test_long_prompts_are_chunked_without_small_batches(assistant):

@@ -57,12 +57,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def load_assistant(settings: Settings, **options):
     from ..engine.base import EngineError
     from ..model.store import ModelError
+    from ..roles.adapter import AdapterError
     from ..roles.head import HeadError
     from ..service import Assistant
 
     try:
         return Assistant.load(settings, **options)
-    except (ModelError, EngineError, HeadError) as err:
+    except (ModelError, EngineError, HeadError, AdapterError) as err:
         raise CliError(str(err), EXIT_FAILURE) from None
 
 
@@ -280,6 +281,9 @@ def cmd_eval(args, settings: Settings) -> int:
     if not items:
         raise CliError(f"{args.data} has no labelled texts")
     assistant = load_assistant(settings)
+    if args.method == "chat" and assistant.chat_head is None:
+        raise CliError(f"no chat head for this model, the {settings.chat_prompt!r} chat prompt and the chat lane's "
+                       "weights: the respond flow asks the analyst (train one with `train-head --role chat`)")
     predictions, latencies, probabilities = [], [], []
     started = time.perf_counter()
     with progress_bar(total=len(items), desc=f"eval ({args.method})", disable=args.quiet) as bar:
@@ -298,7 +302,7 @@ def cmd_eval(args, settings: Settings) -> int:
                              title=f"{Path(args.data).name}: {args.method}, {assistant.model_path.name}")
     elif args.plot:
         warn("the seed method gives no probabilities: no reliability diagram")
-    head = assistant.head if args.method == "score" else None
+    head = {"score": assistant.head, "chat": assistant.chat_head}.get(args.method)
     report.update({"method": args.method, "sentiment_prompt": settings.sentiment_prompt,
                    "head": (str(head.info.get("source") or "packaged") if head else None),
                    "model": str(assistant.model_path), "engine": assistant.engine.description,
@@ -371,61 +375,45 @@ def cmd_train_head(args, settings: Settings) -> int:
 
 
 def cmd_eval_chat(args, settings: Settings) -> int:
-    from collections import Counter
+    from ..evaluation import chat_eval
+    from ..evaluation.data import DataError
 
-    from ..conversation.history import Conversation
-    from ..evaluation.chat_rubric import check_reply
-    from ..evaluation.data import DataError, read_jsonl
-    from ..evaluation.metrics import percentile
-
+    path = args.data or (chat_eval.DEFAULT_CONVERSATIONS if args.turns else None)
+    if path is None:
+        raise CliError("give a MESSAGES.jsonl file (or --turns for the scripted conversations)")
     try:
-        items = [obj for _, obj in read_jsonl(args.data, field="message")]
+        items = chat_eval.load_conversations(path) if args.turns else chat_eval.load_messages(path)
     except DataError as err:
         raise CliError(str(err)) from None
-    for number, item in enumerate(items, start=1):
-        if item.get("lang") not in ("zh", "en") or item.get("sentiment") not in ("positive", "negative"):
-            raise CliError(f"{args.data} item {number}: needs lang zh|en and sentiment positive|negative")
     if args.method == "seed":  # the original format as it was: no script guard either
         settings = settings.model_copy(update={"chat_prompt": "original", "reply_in_script": False})
     assistant = load_assistant(settings)
-    rows, ttft, sentiment_ms = [], [], []
-    with progress_bar(total=len(items), desc=f"eval-chat ({settings.chat_prompt})", disable=args.quiet) as bar:
-        for item in items:
-            # Both times from the message's arrival: with a shared prefill the reply's first token
-            # comes sooner but the sentiment later than with two passes, so neither alone compares.
-            start = time.perf_counter()
-            response = assistant.respond(Conversation(), item["message"])
-            sentiment_ms.append((time.perf_counter() - start) * 1000)
-            deltas = iter(response)
-            first = next(deltas, "")
-            ttft.append((time.perf_counter() - start) * 1000)
-            reply = first + "".join(deltas)
-            failures = check_reply(item["message"], reply, item["lang"], item["sentiment"])
-            rows.append({**item, "reply": reply, "detected": response.sentiment.label, "failures": failures,
-                         "sentiment_ms": round(sentiment_ms[-1], 1), "time_to_first_token_ms": round(ttft[-1], 1)})
-            bar.update(1)
-    by_lang = {lang: sum(not r["failures"] for r in rows if r["lang"] == lang) / max(1, sum(r["lang"] == lang for r in rows))
-               for lang in ("zh", "en")}
-    report = {"n": len(rows), "chat_prompt": settings.chat_prompt,
-              "pass_rate": sum(not r["failures"] for r in rows) / len(rows), "pass_rate_by_lang": by_lang,
-              "failures": dict(Counter(kind for r in rows for kind in r["failures"]).most_common()),
-              "sentiment_accuracy": sum(r["detected"] == r["sentiment"] for r in rows) / len(rows),
-              "shared_prefill": assistant.chat_head is not None,
-              "sentiment_ms": {"p50": percentile(sentiment_ms, 50), "p95": percentile(sentiment_ms, 95)},
-              "time_to_first_token_ms": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)}}
+    total = sum(len(c["turns"]) for c in items) if args.turns else len(items)
+    with progress_bar(total=total, desc=f"eval-chat ({settings.chat_prompt})", disable=args.quiet) as bar:
+        if args.turns:
+            report, rows = chat_eval.evaluate_conversations(assistant, items, bar.update)
+        else:
+            report, rows = chat_eval.evaluate_messages(assistant, items, bar.update)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
+        return 0
+    by_lang = report["pass_rate_by_lang"]
+    adapter = f", adapter {report['chat_adapter']}" if report["chat_adapter"] else ", no adapter"
+    print(f"pass rate {report['pass_rate']:.2f} (zh {by_lang['zh']:.2f}, en {by_lang['en']:.2f}) with chat prompt "
+          f"{settings.chat_prompt!r}{adapter}")
+    if args.turns:
+        print(f"{report['conversations']} conversations; by turn: "
+              + ", ".join(f"{turn}: {rate:.2f}" for turn, rate in report["pass_rate_by_turn"].items())
+              + f"; whole conversations passing: {report['conversations_passing']:.2f}")
     else:
-        print(f"pass rate {report['pass_rate']:.2f} (zh {by_lang['zh']:.2f}, en {by_lang['en']:.2f}) "
-              f"with chat prompt {settings.chat_prompt!r}; sentiment right for {report['sentiment_accuracy']:.2f}; "
-              f"from the message, p50: sentiment {report['sentiment_ms']['p50']:.0f} ms, first reply token "
-              f"{report['time_to_first_token_ms']['p50']:.0f} ms")
-        for kind, count in report["failures"].items():
-            print(f"  {kind:<18} {count}")
+        print(f"sentiment right for {report['sentiment_accuracy']:.2f}; from the message, p50: sentiment "
+              f"{report['sentiment_ms']['p50']:.0f} ms, first reply token {report['time_to_first_token_ms']['p50']:.0f} ms")
+    for kind, count in report["failures"].items():
+        print(f"  {kind:<18} {count:4d}  ({report['failure_share'][kind]:.1%} of replies)")
     return 0
 
 
@@ -471,6 +459,10 @@ def cmd_bench(args, settings: Settings) -> int:
         return SentimentAnalyst(engine, sentiment_prompt(prompt_name), lane=lane,
                                 max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
 
+    # The scoring part's own-weights rows borrow the chat lane (below): it runs the model's own
+    # weights until the chat part puts the chat adapter back.
+    chat_adapter = assistant.chat.adapter
+    assistant.use_chat_adapter(None)
     methods = {"score": assistant.analyze}
     resets = {"score": analyst.warm_prefix}
     # The prompt-only and seed methods run on the model's own weights, without the head's LoRA
@@ -542,6 +534,7 @@ def cmd_bench(args, settings: Settings) -> int:
     finally:
         if peer:
             peer.close()
+    assistant.use_chat_adapter(chat_adapter)
     chat = bench_chat(args, assistant, raw)
     if raw:
         raw.close()
@@ -604,6 +597,13 @@ def cmd_bench(args, settings: Settings) -> int:
                   f"tokens/s" + (f"; plain llama-cpp-python on the same chat prompt: first token after "
                                  f"{theirs['first_token_ms_p50']:.0f} ms, {theirs['decode_tokens_per_s']:.1f} tokens/s"
                                  if theirs else ""))
+            if "own_weights" in chat:
+                own, cost = chat["own_weights"], chat["adapter_cost"]
+                print(f"the same flow without the chat adapter (the model's own weights): sentiment after "
+                      f"{own['sentiment_ms_p50']:.0f} ms, first reply token after {own['first_token_ms_p50']:.0f} ms, "
+                      f"{own['decode_tokens_per_s']:.1f} tokens/s; with/without: sentiment "
+                      f"{cost['sentiment_ms_ratio']:.2f}, first token {cost['first_token_ms_ratio']:.2f}, "
+                      f"tokens/s {cost['decode_tokens_per_s_ratio']:.2f}")
             if "two_passes" in chat:
                 two = chat["two_passes"]
                 print(f"the same flow with two passes over the message (analyst, then chat lane): sentiment after "
@@ -638,13 +638,19 @@ def bench_chat(args, assistant, raw) -> dict | None:
     sampling = dataclasses.replace(assistant.default_sampling(), max_tokens=CHAT_BENCH_TOKENS)
     shared = assistant.chat_head is not None
     flows = ["ours", "two_passes"] if shared else ["ours"]
+    adapter = assistant.chat.adapter
+    if adapter is not None:
+        flows.append("own_weights")  # the same flow without the chat adapter: what it costs
     timings = {flow: {"sentiment": [], "first": [], "rates": []} for flow in flows}
     theirs = {"first": [], "rates": []}
 
     def run(flow: str, message: str) -> str:
+        weights = None if flow == "own_weights" else adapter
+        if assistant.chat.adapter != weights:  # empties the chat lane: the prefix is warmed again below
+            assistant.use_chat_adapter(weights)
         assistant.chat.warm_prefix()
         start = time.perf_counter()
-        response = assistant.respond(Conversation(), message, sampling=sampling, shared_prefill=flow == "ours")
+        response = assistant.respond(Conversation(), message, sampling=sampling, shared_prefill=flow != "two_passes")
         timings[flow]["sentiment"].append((time.perf_counter() - start) * 1000)
         first = None
         for _ in response:
@@ -668,6 +674,14 @@ def bench_chat(args, assistant, raw) -> dict | None:
     summary = {flow: {"sentiment_ms_p50": median(t["sentiment"]), "first_token_ms_p50": median(t["first"]),
                       "decode_tokens_per_s": median(t["rates"])} for flow, t in timings.items()}
     summary["ours"]["shared_prefill"] = shared
+    if adapter is not None:
+        assistant.use_chat_adapter(adapter)
+        own = summary["own_weights"]
+        summary["ours"]["chat_adapter"] = adapter.path.name
+        summary["adapter_cost"] = {
+            "sentiment_ms_ratio": summary["ours"]["sentiment_ms_p50"] / own["sentiment_ms_p50"],
+            "first_token_ms_ratio": summary["ours"]["first_token_ms_p50"] / own["first_token_ms_p50"],
+            "decode_tokens_per_s_ratio": summary["ours"]["decode_tokens_per_s"] / own["decode_tokens_per_s"]}
     return {
         "n": len(messages), "max_tokens": CHAT_BENCH_TOKENS, **summary,
         "raw_llama_cpp_python": {"first_token_ms_p50": median(theirs["first"]),
@@ -722,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", cmd_eval, "Accuracy, per language/source, confusion matrix, latency on labelled JSONL.")
     p.add_argument("data", metavar="DATA.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--method", choices=["score", "prompt", "seed"], default="score")
+    p.add_argument("--method", choices=["score", "prompt", "seed", "chat"], default="score",
+                   help="score, prompt, seed: as in analyze; chat: the respond flow's sentiment, read by the chat "
+                        "head on the chat lane's pass over the text as a first message")
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
     p.add_argument("--plot", metavar="PNG", help="also draw a reliability diagram (probability vs accuracy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -745,7 +761,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("eval-chat", cmd_eval_chat, "Reply to each message (a new conversation each) and check the "
                                             "replies against the chat rubric; pass rate and failures by kind.")
-    p.add_argument("data", metavar="MESSAGES.jsonl", help="lines with id, lang (zh|en), sentiment, message")
+    p.add_argument("data", metavar="MESSAGES.jsonl", nargs="?",
+                   help="lines with id, lang (zh|en), sentiment, message; with --turns, scripted conversations "
+                        "(default: the packaged ones)")
+    p.add_argument("--turns", action="store_true",
+                   help="scripted conversations, each in one session: lines with id, lang and turns (message, "
+                        "sentiment, expect_any: words a reply that follows the conversation would use)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--out", metavar="REPLIES.jsonl", help="write every reply with its failures, to read them")
     p.add_argument("--method", choices=["default", "seed"], default="default",
