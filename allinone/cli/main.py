@@ -210,7 +210,7 @@ def cmd_analyze(args, settings: Settings) -> int:
 
 def cmd_chat(args, settings: Settings) -> int:
     from ..conversation.history import Conversation
-    from ..roles.prompts import LABEL_DISPLAY
+    from ..roles.prompts import sentiment_display
     from ..roles.sentiment import InputError
 
     assistant = load_assistant(settings)
@@ -239,8 +239,7 @@ def cmd_chat(args, settings: Settings) -> int:
         except InputError as err:
             print(f"error: {err}", file=sys.stderr)
             continue
-        shown = LABEL_DISPLAY[response.sentiment.label]
-        print(f"{shown['emoji']} LLM 情感判断: {shown['zh']}", flush=True)
+        print(sentiment_display(response.sentiment.label), flush=True)
         try:
             for delta in response:
                 print(delta, end="", flush=True)

@@ -20,6 +20,12 @@ LABEL_DISPLAY = {
 }
 
 
+def sentiment_display(label: str) -> str:
+    """The line a person sees for a detected sentiment: `😄 LLM 情感判断: 正面` (CLI, page, API)."""
+    shown = LABEL_DISPLAY[label]
+    return f"{shown['emoji']} LLM 情感判断: {shown['zh']}"
+
+
 @dataclass(frozen=True)
 class SentimentPrompt:
     name: str

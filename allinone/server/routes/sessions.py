@@ -1,0 +1,47 @@
+"""GET / DELETE /v1/sessions/{id}: a stored conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from fastapi import APIRouter
+
+from ...roles.prompts import LABEL_DISPLAY, sentiment_display
+from ..context import Server
+from ..errors import ApiError
+from ..schemas import SESSION_ID_PATTERN, SessionResponse
+
+
+def check_session_id(session_id: str) -> None:
+    if not re.fullmatch(SESSION_ID_PATTERN, session_id):
+        raise ApiError(422, "session_id: 1 to 64 characters among A-Z a-z 0-9 _ -")
+
+
+def turn_json(turn: dict) -> dict:
+    shown = turn["sentiment"] if turn["sentiment"] in LABEL_DISPLAY else "positive"
+    return {"message": turn["message"], "sentiment": turn["sentiment"], "probability": turn["probability"],
+            "emoji": LABEL_DISPLAY[shown]["emoji"], "display": sentiment_display(shown), "reply": turn["reply"]}
+
+
+def router(server: Server) -> APIRouter:
+    routes = APIRouter()
+    store = server.store
+
+    @routes.get("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth(),
+                response_model=SessionResponse)
+    async def get_session(session_id: str):
+        check_session_id(session_id)
+        turns = await asyncio.to_thread(store.load, session_id)
+        if turns is None:
+            raise ApiError(404, f"no session {session_id!r} (never created, deleted or expired)", "not_found_error")
+        return {"session_id": session_id, "turns": [turn_json(t) for t in turns]}
+
+    @routes.delete("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth())
+    async def delete_session(session_id: str):
+        check_session_id(session_id)
+        if not await asyncio.to_thread(store.delete, session_id):
+            raise ApiError(404, f"no session {session_id!r}", "not_found_error")
+        return {"session_id": session_id, "deleted": True}
+
+    return routes
