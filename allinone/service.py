@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from enum import IntEnum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -21,10 +22,16 @@ from .roles.prompts import chat_prompt, sentiment_prompt
 from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_text
 from .settings import Settings
 
-# Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix.
-SENTIMENT_LANE = 0  # the llama.cpp engine's lanes below `tapped_lanes` can read hidden states
-CHAT_LANE = 1  # ... and so can this one when the respond flow shares its prefill (settings.shared_prefill)
-COMPLETION_LANE = 2  # raw chat completions (OpenAI-style messages)
+class Lane(IntEnum):
+    """Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix. On
+    llama.cpp the first `hidden_state_lanes` lanes can read hidden states, each in a context of its
+    own (so each can run an adapter): the sentiment lane always, the chat lane when a chat head
+    reads its pass or it runs the chat adapter."""
+
+    SENTIMENT = 0
+    CHAT = 1
+    COMPLETION = 2  # raw chat completions (OpenAI-style messages)
+    SPARE = 3  # unused by the service: the benchmark's second analyst
 
 
 @dataclass
@@ -114,9 +121,9 @@ class Assistant:
 
     def __post_init__(self):
         s = self.settings
-        self.analyst = SentimentAnalyst(self.engine, sentiment_prompt(s.sentiment_prompt), lane=SENTIMENT_LANE,
+        self.analyst = SentimentAnalyst(self.engine, sentiment_prompt(s.sentiment_prompt), lane=Lane.SENTIMENT,
                                         max_text_chars=s.max_text_chars, max_text_tokens=s.max_text_tokens)
-        self.chat = ChatRole(self.engine, chat_prompt(s.chat_prompt), lane=CHAT_LANE,
+        self.chat = ChatRole(self.engine, chat_prompt(s.chat_prompt), lane=Lane.CHAT,
                              reply_max_tokens=s.reply_max_tokens)
 
     @classmethod
@@ -134,7 +141,7 @@ class Assistant:
         engine = open_engine(path, settings.engine, context_size=settings.context_size,
                              batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
                              repack=settings.repack,
-                             hidden_state_lanes=CHAT_LANE + 1 if own_chat_context else SENTIMENT_LANE + 1)
+                             hidden_state_lanes=Lane.CHAT + 1 if own_chat_context else Lane.SENTIMENT + 1)
         assistant = cls(engine=engine, settings=settings, model_path=path)
         assistant.chat.use_adapter(adapter)
         assistant.use_heads(head, chat_head)
@@ -240,7 +247,7 @@ class Assistant:
 
     def _sentiment_on_the_chat_pass(self, tokens: list[int]) -> Sentiment:
         start = time.perf_counter()
-        hidden = self.engine.hidden_state(tokens, self.chat_head.layers, lane=CHAT_LANE, complete=True)
+        hidden = self.engine.hidden_state(tokens, self.chat_head.layers, lane=Lane.CHAT, complete=True)
         return Sentiment.from_positive(self.chat_head.positive_probability(hidden),
                                        (time.perf_counter() - start) * 1000)
 
@@ -258,5 +265,5 @@ class Assistant:
         tokens = self.chat.template.tokens(messages)
         if len(tokens) + 1 > self.engine.n_ctx:
             raise InputError(f"the messages need {len(tokens)} tokens; the context holds {self.engine.n_ctx}")
-        generation = self.engine.generate(tokens, sampling, lane=COMPLETION_LANE, should_stop=should_stop)
+        generation = self.engine.generate(tokens, sampling, lane=Lane.COMPLETION, should_stop=should_stop)
         return TextStream(self.engine.token_bytes, generation, stop=stop), len(tokens)

@@ -10,6 +10,17 @@ import pytest
 from allinone.model.store import ModelError, resolve_model_path
 from allinone.settings import Settings
 
+# Test tiers (`make test-fast` runs neither): a test that uses one of these fixtures needs the real
+# default model; tests/test_page.py also needs Chromium (marked there).
+MODEL_FIXTURES = {"assistant", "default_model_path", "server", "hf_assistant", "cli_env"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings()

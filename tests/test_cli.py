@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+
 def run(args, env, stdin: bytes | str | None = None, timeout=300):
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8")
@@ -32,20 +33,6 @@ def test_analyze_reads_stdin_lines(cli_env):
     assert [json.loads(line)["label"] for line in out.splitlines()] == ["positive", "negative"]
 
 
-@pytest.mark.parametrize("args,stdin,message", [
-    (["analyze", ""], None, "empty"),
-    (["analyze", "   "], None, "empty"),
-    (["analyze"], b"", "no text"),
-    (["analyze"], b"ok line\n\xff\xfe broken\n", "line 2: not valid UTF-8"),
-    (["analyze", "x" * 20001], None, "limit"),
-])
-def test_bad_analyze_input_exits_2_with_a_clear_message(cli_env, args, stdin, message):
-    code, out, err = run(args, cli_env, stdin=stdin)
-    assert code == 2
-    assert message in err
-    assert out == ""
-
-
 def test_model_json(cli_env):
     code, out, err = run(["model", "--json"], cli_env)
     assert code == 0, err
@@ -58,11 +45,6 @@ def test_model_json(cli_env):
     info = json.loads(out)
     assert info["sha256"] == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
     assert info["size"] == 491_400_064 and info["verified"] is True
-
-
-def test_missing_model_path_is_a_clear_error(cli_env, tmp_path):
-    code, _, err = run(["analyze", "--model", str(tmp_path / "nope.gguf"), "hello"], cli_env)
-    assert code == 1 and "model not found" in err
 
 
 def test_chat_shows_sentiment_then_reply_and_handles_commands(cli_env):
@@ -102,38 +84,6 @@ def test_batch_is_resumable_without_duplicates_or_loss(cli_env, tmp_path):
     resumed = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in resumed] == [r["id"] for r in rows]
     assert [r["label"] for r in resumed] == [json.loads(line)["label"] for line in complete]
-
-
-def test_batch_refuses_output_of_another_input(cli_env, tmp_path):
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_jsonl(src, [{"id": "a", "text": "好"}])
-    write_jsonl(out, [{"id": "zzz", "text": "other", "label": "positive"}])
-    code, _, err = run(["batch", str(src), "-o", str(out)], cli_env)
-    assert code == 2 and "does not match" in err
-
-
-@pytest.mark.parametrize("content,message", [
-    (b'{"text": "ok", "label": "positive"}\n{"text": "broken\n', "line 2: invalid JSON"),
-    (b'{"text": "ok", "label": "positive"}\n{"text": "\xff\xfe"}\n', "line 2: not valid UTF-8"),
-    (b'{"text": "ok", "label": "positive"}\n[1, 2]\n', "line 2: expected a JSON object"),
-    (b'{"text": "", "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
-    (b'{"text": 5, "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
-    (b'{"text": "ok", "label": "neutral"}\n', "line 1: 'label' must be one of"),
-])
-def test_bad_eval_files_name_the_line(cli_env, tmp_path, content, message):
-    data = tmp_path / "data.jsonl"
-    data.write_bytes(content)
-    code, _, err = run(["eval", str(data)], cli_env)
-    assert code == 2
-    assert message in err
-
-
-def test_bad_batch_file_names_the_line_and_writes_nothing(cli_env, tmp_path):
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_bytes(b'{"text": "fine"}\n{oops}\n')
-    code, _, err = run(["batch", str(src), "-o", str(out)], cli_env)
-    assert code == 2 and "in.jsonl line 2: invalid JSON" in err
-    assert not out.exists()
 
 
 def test_eval_json_has_the_documented_fields(cli_env, tmp_path):
@@ -187,13 +137,6 @@ def test_eval_chat_turns_follows_scripted_conversations(cli_env, tmp_path):
     assert json.loads(stdout)["conversations"] >= 8
 
 
-def test_eval_chat_rejects_malformed_messages(cli_env, tmp_path):
-    data = tmp_path / "chat.jsonl"
-    write_jsonl(data, [{"id": "a", "lang": "fr", "sentiment": "positive", "message": "salut"}])
-    code, _, err = run(["eval-chat", str(data)], cli_env)
-    assert code == 2 and "lang zh|en" in err
-
-
 def test_eval_reports_calibration_and_draws_the_reliability_diagram(cli_env, tmp_path):
     data, png = tmp_path / "data.jsonl", tmp_path / "reliability.png"
     write_jsonl(data, [
@@ -208,6 +151,7 @@ def test_eval_reports_calibration_and_draws_the_reliability_diagram(cli_env, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
     data = tmp_path / "data.jsonl"
     write_jsonl(data, [{"text": t, "label": l} for t, l in [
@@ -230,6 +174,7 @@ def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
     assert "server peer is skipped" in err
 
 
+@pytest.mark.slow
 def test_bench_runs_the_original_recipe_and_our_scoring_on_its_float32_model(cli_env, tmp_path, tiny_model_dir):
     """The slow baselines, on the tiny Qwen2 built by the tests instead of the real float32 model."""
     data = tmp_path / "data.jsonl"
@@ -272,6 +217,7 @@ TRAIN_TEXTS = [
 ]
 
 
+@pytest.mark.slow
 def test_train_head_learns_from_a_small_file_and_changes_predictions(cli_env, tmp_path):
     env = home_with_models(tmp_path, cli_env)
     # Labels inverted on purpose: a head that learns must then disagree with the prompt alone.
@@ -297,6 +243,7 @@ def test_train_head_learns_from_a_small_file_and_changes_predictions(cli_env, tm
     assert [json.loads(line)["label"] for line in out.splitlines()] == before
 
 
+@pytest.mark.slow
 def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_env, tmp_path):
     env = home_with_models(tmp_path, cli_env)
     flipped = {"positive": "negative", "negative": "positive"}
@@ -321,22 +268,3 @@ def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_en
     assert code == 2 and "puts the sentiment tag before the message" in err
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"text": "good", "label": "positive"}] * 3 + [{"text": "bad", "label": "negative"}] * 3, "too few"),
-    ([{"text": f"good {i}", "label": "positive"} for i in range(30)], "only 0 'negative'"),
-    ([{"text": "good", "label": "positive"}, {"text": "bad", "label": "maybe"}], "line 2: 'label' must be one of"),
-])
-def test_train_head_refuses_unusable_data(cli_env, tmp_path, rows, message):
-    env = home_with_models(tmp_path, cli_env)
-    data = tmp_path / "bad.jsonl"
-    write_jsonl(data, rows)
-    code, out, err = run(["train-head", str(data)], env)
-    assert code == 2 and message in err
-    assert not (tmp_path / "home" / "heads").exists()
-
-
-def test_train_head_names_a_broken_line(cli_env, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_bytes(b'{"text": "good", "label": "positive"}\n{"text": broken\n')
-    code, _, err = run(["train-head", str(data)], home_with_models(tmp_path, cli_env))
-    assert code == 2 and "bad.jsonl line 2: invalid JSON" in err

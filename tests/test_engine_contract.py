@@ -20,7 +20,7 @@ ENGINES = ["transformers-tiny", "llamacpp-default"]
 # lanes 0 and 1 live in a context of their own (the one that can read hidden states).
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=[ENGINES[0], pytest.param(ENGINES[1], marks=pytest.mark.model)])
 def engine(request):
     if request.param == "transformers-tiny":
         engine = request.getfixturevalue("tiny_engine")

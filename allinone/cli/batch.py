@@ -23,7 +23,7 @@ def _same_item(done: dict, item: dict) -> bool:
     return done.get("text") == item["text"]
 
 
-def _completed_lines(out_path: Path, items: list[dict]) -> int:
+def completed_lines(out_path: Path, items: list[dict]) -> int:
     """Number of input items already answered in out_path; trims a torn last line."""
     if not out_path.exists():
         return 0
@@ -54,7 +54,7 @@ def read_batch_input(in_path: Path) -> list[dict]:
 
 def run_batch(analyze: Callable[[str], "object"], items: list[dict], out_path: Path, *,
               progress_factory=None) -> dict:
-    skip = _completed_lines(out_path, items)
+    skip = completed_lines(out_path, items)
     todo = items[skip:]
     bar = progress_factory(total=len(items), initial=skip) if progress_factory else None
     written = 0

@@ -1,0 +1,50 @@
+"""What every command shares: its error type and exit codes, loading the assistant, progress, warnings."""
+
+from __future__ import annotations
+
+import sys
+
+from ..settings import Settings
+
+EXIT_USAGE = 2  # bad input (empty text, unreadable file): the caller's to fix
+EXIT_FAILURE = 1  # the model or the machine failed
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def load_assistant(settings: Settings, **options):
+    from ..engine.base import EngineError
+    from ..model.store import ModelError
+    from ..roles.adapter import AdapterError
+    from ..roles.head import HeadError
+    from ..service import Assistant
+
+    try:
+        return Assistant.load(settings, **options)
+    except (ModelError, EngineError, HeadError, AdapterError) as err:
+        raise CliError(str(err), EXIT_FAILURE) from None
+
+
+def progress_bar(**kwargs):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, unit="text", dynamic_ncols=True, **kwargs)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def texts_from(args) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    data = sys.stdin.buffer.read()
+    try:
+        return [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CliError(f"stdin line {line}: not valid UTF-8") from None

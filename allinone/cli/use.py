@@ -1,0 +1,130 @@
+"""`analyze`, `chat`, `batch`, `serve`: the assistant at work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..settings import Settings
+from .common import CliError, load_assistant, progress_bar, texts_from, warn
+
+
+def cmd_analyze(args, settings: Settings) -> int:
+    from ..roles.sentiment import InputError, validate_text
+    from ..roles.prompts import LABEL_DISPLAY
+
+    texts = texts_from(args)
+    if not texts:
+        raise CliError("no text given (pass TEXT arguments or lines on stdin)")
+    for text in texts:  # reject bad input before paying for the model load
+        try:
+            validate_text(text, settings.max_text_chars)
+        except InputError as err:
+            raise CliError(str(err)) from None
+    assistant = load_assistant(settings)
+    for text in texts:
+        result = assistant.analyze(text, method=args.method)
+        if result.truncated:
+            warn(f"text of {len(text)} characters was cut to its first and last "
+                 f"{assistant.analyst.max_text_tokens // 2} tokens")
+        if args.json:
+            row = {"text": text, **result.to_dict()}
+            if not result.truncated:
+                row.pop("truncated")
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        else:
+            shown = LABEL_DISPLAY[result.label]
+            prob = f" ({result.probability:.2f})" if result.probability is not None else ""
+            print(f"{shown['emoji']} {shown['en']}{prob}  {result.latency_ms:.0f} ms  {text}", flush=True)
+    return 0
+
+
+def cmd_chat(args, settings: Settings) -> int:
+    from ..conversation.history import Conversation
+    from ..roles.prompts import sentiment_display
+    from ..roles.sentiment import InputError
+
+    assistant = load_assistant(settings)
+    conversation = Conversation()
+    print(f"allinone chat on {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load). "
+          "/reset starts over, /exit quits, Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("你> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            return 0
+        if message == "/reset":
+            conversation.reset()
+            print("(new conversation)", flush=True)
+            continue
+        try:
+            response = assistant.respond(conversation, message)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        print(sentiment_display(response.sentiment.label), flush=True)
+        try:
+            for delta in response:
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:
+            response.close()
+            print(" [stopped]", end="")
+        print(flush=True)
+
+
+def cmd_batch(args, settings: Settings) -> int:
+    from ..evaluation.data import DataError
+    from .batch import completed_lines, read_batch_input, run_batch
+
+    in_path, out_path = Path(args.input), Path(args.output)
+    if in_path.resolve() == out_path.resolve():
+        raise CliError("the output file must differ from the input file")
+    try:
+        items = read_batch_input(in_path)
+        completed_lines(out_path, items)  # an output of another input is refused before the model loads
+        assistant = load_assistant(settings)
+        summary = run_batch(assistant.analyze, items, out_path, progress_factory=progress_bar)
+    except DataError as err:
+        raise CliError(str(err)) from None
+    print(f"{summary['written']} labelled, {summary['skipped']} already done, {summary['total']} in all -> {out_path}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    from ..server.app import check_bind, serve
+
+    try:
+        check_bind(settings)  # before paying for the model load
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    assistant = load_assistant(settings)
+    print(f"allinone serving {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load) on "
+          f"http://{settings.host}:{settings.port}/", file=sys.stderr, flush=True)
+    serve(assistant, settings)
+    return 0
+
+
+def register(command) -> None:
+    p = command("analyze", cmd_analyze, "Sentiment of each TEXT (or of each stdin line).")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--method", choices=["score", "prompt", "seed"], default="score",
+                   help="score: one forward pass, decided by the learned head when there is one, else by the "
+                        "two label tokens (default); prompt: the two label tokens even with a head; "
+                        "seed: the original recipe, 10 generated tokens + substring test")
+    command("chat", cmd_chat, "Interactive chat: sentiment of each line at once, then the streamed reply.")
+    p = command("batch", cmd_batch, "Label every JSONL line's `text`; resumable after an interruption.")
+    p.add_argument("input", metavar="IN.jsonl")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    command("serve", cmd_serve, "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "
+                                "web page, on one model; loopback unless an API key is set.")

@@ -1,0 +1,113 @@
+"""The command line's error paths, in-process (no model, no subprocess): bad input gets a clear
+message and exit code 2, before any model is loaded (the home directory here holds no model, so a
+load would fail differently). tests/test_cli.py runs the commands as a user does, on the real model."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from allinone.cli.main import main
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture()
+def cli(tmp_path, monkeypatch, capsys):
+    """cli(args, stdin=None) -> (exit code, stdout, stderr), with an empty ALLINONE_HOME."""
+    home = tmp_path / "empty-home"
+    monkeypatch.setenv("ALLINONE_HOME", str(home))
+
+    def run(args, stdin: bytes | str | None = None):
+        if isinstance(stdin, str):
+            stdin = stdin.encode("utf-8")
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8"))
+        code = main(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run.home = home
+    return run
+
+
+@pytest.mark.parametrize("args,stdin,message", [
+    (["analyze", ""], None, "empty"),
+    (["analyze", "   "], None, "empty"),
+    (["analyze"], b"", "no text"),
+    (["analyze"], b"ok line\n\xff\xfe broken\n", "line 2: not valid UTF-8"),
+    (["analyze", "x" * 20001], None, "limit"),
+])
+def test_bad_analyze_input_exits_2_with_a_clear_message(cli, args, stdin, message):
+    code, out, err = cli(args, stdin=stdin)
+    assert code == 2
+    assert message in err
+    assert out == ""
+
+
+def test_missing_model_path_is_a_clear_error(cli, tmp_path):
+    code, _, err = cli(["analyze", "--model", str(tmp_path / "nope.gguf"), "hello"])
+    assert code == 1 and "model not found" in err
+
+
+def test_batch_refuses_output_of_another_input(cli, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": "a", "text": "好"}])
+    write_jsonl(out, [{"id": "zzz", "text": "other", "label": "positive"}])
+    code, _, err = cli(["batch", str(src), "-o", str(out)])
+    assert code == 2 and "does not match" in err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"text": "ok", "label": "positive"}\n{"text": "broken\n', "line 2: invalid JSON"),
+    (b'{"text": "ok", "label": "positive"}\n{"text": "\xff\xfe"}\n', "line 2: not valid UTF-8"),
+    (b'{"text": "ok", "label": "positive"}\n[1, 2]\n', "line 2: expected a JSON object"),
+    (b'{"text": "", "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
+    (b'{"text": 5, "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
+    (b'{"text": "ok", "label": "neutral"}\n', "line 1: 'label' must be one of"),
+])
+def test_bad_eval_files_name_the_line(cli, tmp_path, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    code, _, err = cli(["eval", str(data)])
+    assert code == 2
+    assert message in err
+
+
+def test_bad_batch_file_names_the_line_and_writes_nothing(cli, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n{oops}\n')
+    code, _, err = cli(["batch", str(src), "-o", str(out)])
+    assert code == 2 and "in.jsonl line 2: invalid JSON" in err
+    assert not out.exists()
+
+
+def test_eval_chat_rejects_malformed_messages(cli, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    write_jsonl(data, [{"id": "a", "lang": "fr", "sentiment": "positive", "message": "salut"}])
+    code, _, err = cli(["eval-chat", str(data)])
+    assert code == 2 and "lang zh|en" in err
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "good", "label": "positive"}] * 3 + [{"text": "bad", "label": "negative"}] * 3, "too few"),
+    ([{"text": f"good {i}", "label": "positive"} for i in range(30)], "only 0 'negative'"),
+    ([{"text": "good", "label": "positive"}, {"text": "bad", "label": "maybe"}], "line 2: 'label' must be one of"),
+])
+def test_train_head_refuses_unusable_data(cli, tmp_path, rows, message):
+    data = tmp_path / "bad.jsonl"
+    write_jsonl(data, rows)
+    code, out, err = cli(["train-head", str(data)])
+    assert code == 2 and message in err
+    assert not (cli.home / "heads").exists()
+
+
+def test_train_head_names_a_broken_line(cli, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b'{"text": "good", "label": "positive"}\n{"text": broken\n')
+    code, _, err = cli(["train-head", str(data)])
+    assert code == 2 and "bad.jsonl line 2: invalid JSON" in err
