@@ -138,9 +138,7 @@ class Assistant:
         # The chat lane gets a llama.cpp context of its own (full-size, +48 MB of KV cache) when a
         # chat head reads hidden states on it or it runs an adapter (llama.cpp sets adapters per context).
         own_chat_context = chat_head or adapter or chat_lane_reads_hidden_states
-        engine = open_engine(path, settings.engine, context_size=settings.context_size,
-                             batch_size=settings.batch_size, threads=settings.threads, dtype=settings.dtype,
-                             repack=settings.repack,
+        engine = open_engine(path, settings, n_lanes=len(Lane),
                              hidden_state_lanes=Lane.CHAT + 1 if own_chat_context else Lane.SENTIMENT + 1)
         assistant = cls(engine=engine, settings=settings, model_path=path)
         assistant.chat.use_adapter(adapter)

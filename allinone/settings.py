@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def _default_threads() -> int:
-    # llama.cpp's matrix kernels are compute bound: one thread per core, no more.
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+from .engine.base import default_threads
 
 
 class Settings(BaseSettings):
@@ -44,9 +40,13 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Weights and compute type of the transformers engine (a GGUF is dequantised "
                                "to it); llama.cpp ignores it.")
-    threads: int = Field(default_factory=_default_threads, ge=1, description="CPU threads for inference.")
-    context_size: int = Field(4096, ge=256, description="Context window (tokens) of the chat and completion "
-                                                        "lanes; the sentiment lane (llama.cpp) holds at most 2048.")
+    threads: int = Field(default_factory=default_threads, ge=1, description="CPU threads for inference "
+                                                                              "(default: one per core).")
+    context_size: int = Field(4096, ge=256, description="Context window (tokens) of the chat and completion lanes.")
+    sentiment_context_size: int = Field(2048, ge=256, description="Context window of the sentiment lane (llama.cpp; "
+                                                                  "at most context_size): a sentiment prompt with the "
+                                                                  "longest text fits in far less than a chat, and "
+                                                                  "this lane's cache stays resident.")
     batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")
     sentiment_prompt: str = Field("fewshot", description="Name of the sentiment prompt (see `allinone roles`); "
                                                          "'original' is the first recipe's, verbatim.")

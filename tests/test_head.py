@@ -5,7 +5,6 @@ reads from, files, and the errors users see."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

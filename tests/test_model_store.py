@@ -101,7 +101,7 @@ def test_derived_model_is_verified_then_renamed_and_made_once(tmp_path, monkeypa
 
 
 def test_a_derived_model_with_the_wrong_hash_is_refused_and_left_nowhere(tmp_path, monkeypatch):
-    from allinone.model.store import derive_model, resolve_model_path
+    from allinone.model.store import derive_model
 
     home, spec, derived, _ = derived_setup(tmp_path, monkeypatch, b"GGUF-other!!" * 10)
     with pytest.raises(ModelError, match="another llama.cpp build"):

@@ -11,11 +11,12 @@ import os
 import numpy as np
 import pytest
 
-from allinone.engine import EngineError, pick_engine
+from allinone.engine import EngineError, open_engine, pick_engine
 from allinone.engine.base import Sampling, log_softmax
 from allinone.roles.prompts import sentiment_prompt
 from allinone.roles.sentiment import SentimentAnalyst
 from allinone.roles.template import ChatTemplate
+from allinone.settings import Settings
 
 RECIPE_TEXTS = ["今天的实验终于成功了,太棒了!", "The service was slow and the food was cold.", "Not bad at all."]
 
@@ -89,7 +90,7 @@ def test_bfloat16_loads_and_scores(tiny_model_dir):
 
     from allinone.engine.transformers import TransformersEngine
 
-    bf16 = TransformersEngine(tiny_model_dir, context_size=512, dtype="bfloat16")
+    bf16 = TransformersEngine(tiny_model_dir, context_size=512, batch_size=64, dtype="bfloat16")
     assert "bfloat16" in bf16.description and bf16.hf_model.dtype == torch.bfloat16
     # (the random tiny model is too chaotic to compare bfloat16 with float32 numbers; the real
     # model's figures are in the README)
@@ -97,7 +98,7 @@ def test_bfloat16_loads_and_scores(tiny_model_dir):
     assert np.isfinite(logprobs).all() and abs(np.exp(logprobs).sum() - 1) < 1e-3
     assert list(bf16.generate(bf16.tokenize("hello"), Sampling(max_tokens=3)))
     with pytest.raises(EngineError, match="dtype"):
-        TransformersEngine(tiny_model_dir, dtype="float16")
+        TransformersEngine(tiny_model_dir, context_size=512, batch_size=64, dtype="float16")
 
 
 def test_loading_never_reaches_the_hub(tiny_engine, tmp_path):
@@ -105,7 +106,7 @@ def test_loading_never_reaches_the_hub(tiny_engine, tmp_path):
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(EngineError):
-        TransformersEngine(tmp_path / "Qwen" / "Qwen2.5-0.5B-Instruct")  # looks like a hub id: not fetched
+        TransformersEngine(tmp_path / "Qwen" / "Qwen2.5-0.5B-Instruct", context_size=512, batch_size=64)  # looks like a hub id: not fetched
 
 
 def test_engine_choice(tiny_model_dir, tmp_path, default_model_path):
@@ -148,10 +149,9 @@ AGREEMENT_TEXTS = [
 
 @pytest.fixture(scope="session")
 def hf_assistant(settings, default_model_path):
-    from allinone.engine.transformers import TransformersEngine
     from allinone.service import Assistant
 
-    engine = TransformersEngine(default_model_path, context_size=settings.context_size, threads=settings.threads)
+    engine = open_engine(default_model_path, settings.model_copy(update={"engine": "transformers"}))
     yield Assistant(engine=engine, settings=settings, model_path=default_model_path)
     engine.close()
 
@@ -197,7 +197,7 @@ def test_the_packaged_adapters_run_through_transformers_too(hf_assistant, assist
 def test_the_benchmarks_original_recipe_agrees_with_the_seed_method(tiny_model_dir, tiny_engine):
     from allinone.evaluation.original import OriginalRecipe
 
-    recipe = OriginalRecipe(tiny_model_dir, sentiment_prompt("original").template, threads=1)
+    recipe = OriginalRecipe(tiny_model_dir, sentiment_prompt("original").template, Settings(threads=1))
     analyst = SentimentAnalyst(tiny_engine, sentiment_prompt("original"), lane=0)
     for text in RECIPE_TEXTS:
         assert recipe.analyze(text).label == analyst.analyze_by_generation(text).label
@@ -246,7 +246,7 @@ def test_a_lora_adapter_applies_to_its_lane_only_as_merged_weights_would(tiny_mo
 
     from allinone.engine.transformers import TransformersEngine
 
-    engine = TransformersEngine(tiny_model_dir, context_size=512, n_lanes=2)
+    engine = TransformersEngine(tiny_model_dir, context_size=512, batch_size=64, n_lanes=2)
     tokens = engine.tokenize("The service was slow and the food was cold.")
     plain = engine.logits(tokens, lane=0)
     tensors, scale = write_tiny_adapter(tmp_path / "tiny.lora.gguf", engine)
@@ -255,7 +255,7 @@ def test_a_lora_adapter_applies_to_its_lane_only_as_merged_weights_would(tiny_mo
     np.testing.assert_allclose(engine.logits(tokens, lane=0), plain, atol=1e-5)  # lane 0 unchanged
     assert not np.allclose(adapted, plain, atol=1e-3)
 
-    merged = TransformersEngine(tiny_model_dir, context_size=512, n_lanes=1)
+    merged = TransformersEngine(tiny_model_dir, context_size=512, batch_size=64, n_lanes=1)
     layer = merged.hf_model.model.layers[1]
     with torch.no_grad():
         for name, module in (("attn_q", layer.self_attn.q_proj), ("ffn_down", layer.mlp.down_proj)):

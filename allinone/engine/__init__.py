@@ -29,22 +29,25 @@ def pick_engine(model_path: Path, requested: str = "auto") -> str:
     raise EngineError(f"cannot tell which engine runs {model_path}; pass --engine")
 
 
-def open_engine(model_path: Path, requested: str = "auto", *, dtype: str = "float32", repack: bool = True,
-                hidden_state_lanes: int = 1, **options) -> Engine:
-    """Load the model with the chosen engine. `dtype` applies to the transformers engine only
-    (llama.cpp computes in the GGUF's own quantised types), `repack` to llama.cpp only, and so does
-    `hidden_state_lanes`: how many lanes, from lane 0, must be able to read hidden states (the
+def open_engine(model_path: Path, settings, *, hidden_state_lanes: int = 1, n_lanes: int = 4) -> Engine:
+    """Load the model with the engine `settings.engine` picks, sized by `settings` (a
+    settings.Settings): context and batch sizes, threads; `dtype` applies to the transformers engine
+    only (llama.cpp computes in the GGUF's own quantised types), `repack` to llama.cpp only, and so
+    does `hidden_state_lanes`: how many lanes, from lane 0, must be able to read hidden states (the
     transformers engine can on every lane)."""
-    kind = pick_engine(model_path, requested)
+    kind = pick_engine(model_path, settings.engine)
+    sizes = {"context_size": settings.context_size, "batch_size": settings.batch_size, "threads": settings.threads,
+             "n_lanes": n_lanes}
     if kind == "llamacpp":
         from .llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(model_path, repack=repack, tapped_lanes=hidden_state_lanes, **options)
+        return LlamaCppEngine(model_path, repack=settings.repack, tapped_lanes=hidden_state_lanes,
+                              tapped_context_size=settings.sentiment_context_size, **sizes)
     if kind == "transformers":
         try:
             from .transformers import TransformersEngine
         except ImportError as err:  # pragma: no cover - depends on the installed extras
             raise EngineError(f"the transformers engine needs the optional extra: "
                               f"pip install -e '.[transformers]' ({err})") from None
-        return TransformersEngine(model_path, dtype=dtype, **options)
+        return TransformersEngine(model_path, dtype=settings.dtype, **sizes)
     raise EngineError(f"unknown engine {kind!r}")

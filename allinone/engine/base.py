@@ -22,12 +22,19 @@ Engines are not thread-safe: one caller at a time (the server runs inference on 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+
+def default_threads() -> int:
+    """One thread per core this process may run on: the matrix kernels are compute bound, so more
+    threads than cores only adds contention."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class EngineError(RuntimeError):

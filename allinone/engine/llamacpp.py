@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .base import ContextOverflow, Engine, EngineError
+from .base import ContextOverflow, Engine, EngineError, default_threads
 
 _backend_ready = False
 _log_callback = None  # kept referenced: llama.cpp holds the pointer
@@ -136,9 +136,9 @@ def _init_backend(verbose: bool) -> None:
 
 
 class LlamaCppEngine(Engine):
-    def __init__(self, model_path: str | os.PathLike, *, context_size: int = 4096, batch_size: int = 512,
-                 threads: int | None = None, n_lanes: int = 4, verbose: bool = False,
-                 repack: bool = True, tapped_lanes: int = 1, tapped_context_size: int | None = 2048):
+    def __init__(self, model_path: str | os.PathLike, *, context_size: int, batch_size: int,
+                 tapped_context_size: int, threads: int | None = None, n_lanes: int = 4, verbose: bool = False,
+                 repack: bool = True, tapped_lanes: int = 1):
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
@@ -148,7 +148,7 @@ class LlamaCppEngine(Engine):
         if not path.is_file():
             raise EngineError(f"model file not found: {path}")
         _init_backend(verbose)
-        threads = threads or os.cpu_count() or 1
+        threads = threads or default_threads()
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
@@ -185,18 +185,17 @@ class LlamaCppEngine(Engine):
         # context, so a LoRA adapter on it (use_adapter) changes no other lane, and a long chat
         # and a sentiment request never compete for the same KV cells.
         self._tap = _LayerTap(self._model.n_embd())
-        # The sentiment context is smaller, because its memory is resident too: a sentiment prompt
-        # needs ~1.3k tokens at most (1,024 of text by default), so 2048 cells (KV 24 MB instead
-        # of 48 for this model; None = context_size), and 128-token forward passes (attention
-        # scratch 4x smaller; a dev text is ~30 tokens, and a long one pays ~20 ms per extra pass).
-        # A tapped chat lane needs the whole context window.
+        # The sentiment context is smaller (tapped_context_size), because its memory is resident
+        # too and a sentiment prompt with its longest text needs far less than a chat; and its
+        # forward passes are shorter (attention scratch shrinks with them; a dev text is a few
+        # dozen tokens). A tapped chat lane needs the whole context window.
         plain = self._new_context(ctx_params, verbose)
         ctx_params.cb_eval = self._tap.callback
         tapped_batch = min(batch_size, TAPPED_BATCH_SIZE)
         ctx_params.n_batch = ctx_params.n_ubatch = tapped_batch
         sentiment = chat = None
         if tapped_lanes > 0:
-            ctx_params.n_ctx = min(context_size, tapped_context_size or context_size)
+            ctx_params.n_ctx = min(context_size, tapped_context_size)
             sentiment = self._new_context(ctx_params, verbose)
         if tapped_lanes > 1:
             ctx_params.n_ctx = context_size
@@ -441,7 +440,7 @@ def quantize_gguf(source: Path, target: Path, ftype: str, *, keep_type: str = "Q
     params.pure = True  # one type throughout: its repacked kernel then covers every layer
     params.output_tensor_type = keep
     params.token_embedding_type = keep
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or default_threads()
     shown = [-1]
 
     # llama.cpp reports each tensor as "[  12/ 290] name ..." on its log; we turn that into progress.

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import ContextOverflow, Engine, EngineError
+from .base import ContextOverflow, Engine, EngineError, default_threads
 
 DTYPES = ("float32", "bfloat16")
 
@@ -109,7 +109,7 @@ def model_location(model_path: Path) -> tuple[Path, str | None]:
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model_path: str | os.PathLike, *, context_size: int = 4096, batch_size: int = 512,
+    def __init__(self, model_path: str | os.PathLike, *, context_size: int, batch_size: int,
                  threads: int | None = None, n_lanes: int = 4, dtype: str = "float32", verbose: bool = False):
         super().__init__(n_lanes)
         if dtype not in DTYPES:
@@ -117,7 +117,7 @@ class TransformersEngine(Engine):
         directory, gguf_file = model_location(Path(model_path))
         torch, transformers = _offline_imports()
         self._torch = torch
-        threads = threads or os.cpu_count() or 1
+        threads = threads or default_threads()
         torch.set_num_threads(threads)
         if not verbose:
             transformers.logging.set_verbosity_error()

@@ -105,7 +105,7 @@ def baseline_methods(assistant, options: BenchOptions, methods: Methods,
             recipe_model, started = model(options.original_model), time.perf_counter()
             announce(f"loading the original recipe's transformers float32 model from {recipe_model.name} "
                      "(dequantising a GGUF takes a few minutes) ...")
-            methods.original = OriginalRecipe(recipe_model, original_prompt, threads=settings.threads)
+            methods.original = OriginalRecipe(recipe_model, original_prompt, settings)
             methods.load_seconds["original"] = time.perf_counter() - started
         except (OSError, ModelError, ImportError) as err:
             raise BenchError(f"cannot load the original recipe's model: {err}") from None

@@ -10,12 +10,15 @@ from .bench import BaselineResult, label_from_generated
 
 
 class OriginalRecipe:
-    def __init__(self, model_path: Path, prompt_template: str, *, threads: int, max_new_tokens: int | None = 10):
+    """`settings` (a settings.Settings) sizes the engine that loads the weights."""
+
+    def __init__(self, model_path: Path, prompt_template: str, settings, *, max_new_tokens: int | None = 10):
         from ..engine.transformers import TransformersEngine
 
         # Our transformers engine only loads the weights (a GGUF is dequantised to float32); the
         # recipe below uses nothing of ours: Hugging Face's tokenizer and generate().
-        self.engine = TransformersEngine(model_path, dtype="float32", threads=threads, n_lanes=1)
+        self.engine = TransformersEngine(model_path, dtype="float32", threads=settings.threads, n_lanes=1,
+                                         context_size=settings.context_size, batch_size=settings.batch_size)
         self.model, self.tokenizer = self.engine.hf_model, self.engine.hf_tokenizer
         self.prompt_template = prompt_template
         self.max_new_tokens = max_new_tokens

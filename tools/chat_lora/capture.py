@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from allinone.engine.llamacpp import LlamaCppEngine
+from allinone.engine import open_engine
 from allinone.model.store import resolve_model_path
 from allinone.roles.chat import ChatRole
 from allinone.roles.prompts import chat_prompt
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
-    engine = LlamaCppEngine(model, n_lanes=1, threads=settings.threads)
+    engine = open_engine(model, settings, n_lanes=1)
     chat = ChatRole(engine, chat_prompt(args.chat_prompt), lane=0)
     rows = [json.loads(line) for line in open(args.examples, encoding="utf-8") if line.strip()]
     out = Path(args.output)

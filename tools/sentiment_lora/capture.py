@@ -15,7 +15,7 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from allinone.engine.llamacpp import LlamaCppEngine
+from allinone.engine import open_engine
 from allinone.model.store import resolve_model_path
 from allinone.roles.prompts import sentiment_prompt
 from allinone.roles.sentiment import SentimentAnalyst
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
-    engine = LlamaCppEngine(model, n_lanes=1, threads=settings.threads)
+    engine = open_engine(model, settings, n_lanes=1)
     analyst = SentimentAnalyst(engine, sentiment_prompt(args.sentiment_prompt))
     before = len(analyst.prefix_tokens)
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
