@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .engine.base import default_threads
+from .machine import default_threads
 
 
 class Settings(BaseSettings):

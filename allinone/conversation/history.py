@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 
@@ -12,9 +12,6 @@ class Turn:
     sentiment: str  # the label detected for it
     user_content: str  # the user turn as the model saw it (message wrapped by the chat prompt)
     reply: str  # the assistant's reply (partial if it was interrupted)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -8,15 +8,12 @@ that adds the new one. Sessions are bounded (max turns) and expire when idle.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from .history import Turn
-
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -126,6 +123,3 @@ class SessionStore:
             cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
 
-    def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]

@@ -22,19 +22,12 @@ Engines are not thread-safe: one caller at a time (the server runs inference on 
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-
-
-def default_threads() -> int:
-    """One thread per core this process may run on: the matrix kernels are compute bound, so more
-    threads than cores only adds contention."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class EngineError(RuntimeError):
@@ -165,7 +158,6 @@ class Generation:
     def __init__(self, steps: Iterator[int]):
         self._steps = steps
         self.finish_reason: str | None = None
-        self.n_generated = 0
 
     def __iter__(self):
         return self
@@ -176,7 +168,6 @@ class Generation:
         except StopIteration as stop:
             self.finish_reason = stop.value or "stop"
             raise
-        self.n_generated += 1
         return token
 
     def close(self) -> None:

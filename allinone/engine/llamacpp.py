@@ -8,7 +8,6 @@ what is kept between requests.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import re
 import sys
@@ -17,7 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .base import ContextOverflow, Engine, EngineError, default_threads
+from ..machine import default_threads
+from .base import ContextOverflow, Engine, EngineError
 
 _backend_ready = False
 _log_callback = None  # kept referenced: llama.cpp holds the pointer
@@ -205,6 +205,7 @@ class LlamaCppEngine(Engine):
                               for lane in range(n_lanes)]
         self.tapped_lanes = tapped_lanes
         self._adapters: dict[Path, object] = {}  # loaded LoRA adapters, by file
+        self._pieces: dict[int, bytes] = {}  # token_bytes, by token
 
         self.n_ctx = llama_cpp.llama_n_ctx(plain.ctx)
         self.n_vocab = self._model.n_vocab()
@@ -250,13 +251,17 @@ class LlamaCppEngine(Engine):
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
-    @functools.lru_cache(maxsize=65536)
     def token_bytes(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = self._lib.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            raise EngineError(f"token {token} does not fit in the piece buffer")
-        return buf.raw[:n]
+        # Kept per engine (at most one entry per vocabulary row): streaming asks for the same
+        # pieces over and over, and a cache on the method would keep every engine alive.
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lib.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, True)
+            if n < 0:
+                raise EngineError(f"token {token} does not fit in the piece buffer")
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
 
     @property
     def eog_tokens(self) -> frozenset[int]:
@@ -427,7 +432,6 @@ def quantize_gguf(source: Path, target: Path, ftype: str, *, keep_type: str = "Q
     (LLAMA_FTYPE_MOSTLY_<ftype>), except the output projection and token embeddings, which
     become `keep_type` (a ggml type name). Reports progress every tenth of the tensors."""
     import llama_cpp
-    from llama_cpp._logger import llama_log_callback
 
     _init_backend(False)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -458,6 +462,6 @@ def quantize_gguf(source: Path, target: Path, ftype: str, *, keep_type: str = "Q
     try:
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     finally:
-        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))  # ours again (see _init_backend)
     if code != 0:
         raise EngineError(f"llama.cpp could not quantise {source} (code {code})")

@@ -30,7 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import ContextOverflow, Engine, EngineError, default_threads
+from ..machine import default_threads
+from .base import ContextOverflow, Engine, EngineError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -168,6 +169,7 @@ class TransformersEngine(Engine):
             template = template.get("default") or next(iter(template.values()), None)
         self._chat_template = template or None
         self._caches: list = [None] * n_lanes  # one DynamicCache (or None = empty) per lane
+        self._pieces: dict[int, bytes] = {}  # token_bytes, by token
         # LoRA adapters (llama.cpp adapter GGUFs) by file, and the lane whose pass is running: the
         # projections' forward hooks add the running lane's adapter, if it has one.
         self._adapters: dict[Path, dict] = {}
@@ -200,8 +202,14 @@ class TransformersEngine(Engine):
         self._backend.encode_special_tokens = not special
         return list(self._backend.encode(text, add_special_tokens=False).ids)
 
-    @functools.lru_cache(maxsize=65536)
     def token_bytes(self, token: int) -> bytes:
+        # Kept per engine (a cache on the method would keep every engine alive).
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece_bytes(token)
+        return piece
+
+    def _piece_bytes(self, token: int) -> bytes:
         if token in self._added:
             return self._added[token].encode("utf-8")
         piece = self._backend.id_to_token(token)

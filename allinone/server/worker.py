@@ -39,7 +39,6 @@ class Job:
         self.deadline = deadline
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
-        self.started = threading.Event()
 
     # ---- worker side ----
     def emit(self, kind: str, data: Any = None) -> None:
@@ -89,7 +88,6 @@ class Worker:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.running: Job | None = None
-        self.jobs_done = 0
         self._stopping = False
 
     def start(self) -> None:
@@ -157,7 +155,6 @@ class Worker:
                 job.emit(END)
                 continue
             self.running = job
-            job.started.set()
             try:
                 job.fn(job)
             except Exception as err:  # reported to the client; the worker goes on
@@ -166,5 +163,4 @@ class Worker:
                 job.emit(ERROR, err)
             finally:
                 self.running = None
-                self.jobs_done += 1
                 job.emit(END)
