@@ -135,7 +135,7 @@ class Assistant:
         sha = model_sha256(path, settings.resolved_home()) if path.is_file() else None
         adapter = find_chat_adapter(settings, sha)
         head, chat_head = find_heads(settings, sha, adapter)
-        # The chat lane gets a llama.cpp context of its own (full-size, +48 MB of KV cache) when a
+        # The chat lane gets a llama.cpp context of its own (full-size: a second KV cache) when a
         # chat head reads hidden states on it or it runs an adapter (llama.cpp sets adapters per context).
         own_chat_context = chat_head or adapter or chat_lane_reads_hidden_states
         engine = open_engine(path, settings, n_lanes=len(Lane),

@@ -77,7 +77,7 @@ def test_cached_scores_equal_full_recompute(engine):
     for i, text in enumerate(TEXTS):
         cached.append(analyst.label_logprobs(text)[0])
         if i:
-            assert engine.last_stats.reused >= len(analyst._before)
+            assert engine.last_stats.reused >= len(analyst.prefix_tokens)
     for text, with_cache in zip(TEXTS, cached):
         engine.forget()
         fresh = analyst.label_logprobs(text)[0]
@@ -103,7 +103,7 @@ def test_borrowed_prefix_from_another_lane_scores_the_same(engine, donor, borrow
     # On llama.cpp, lanes 2-3 share the plain context; lanes 0 and 1 have a context each (their
     # passes read hidden states, and lane 0 may run with a LoRA adapter): nothing to borrow there,
     # the borrower recomputes, and the result must be the same either way.
-    shared = engine._can_share(donor, borrower)
+    shared = engine.can_share(donor, borrower)
     analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=donor)
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     other, _ = analyst.prompt_tokens("The room was dirty and loud.")
@@ -114,7 +114,7 @@ def test_borrowed_prefix_from_another_lane_scores_the_same(engine, donor, borrow
     assert engine.lane_tokens(donor) == tokens  # the donor keeps its content
     engine.forget(borrower)
     partly = engine.score(other, analyst.candidates, lane=borrower)
-    assert engine.last_stats.reused >= len(analyst._before) - 8 if shared else engine.last_stats.reused == 0
+    assert engine.last_stats.reused >= len(analyst.prefix_tokens) - 8 if shared else engine.last_stats.reused == 0
     again = engine.score(tokens, analyst.candidates, lane=donor)
     engine.forget()
     np.testing.assert_allclose(borrowed, engine.score(tokens, analyst.candidates, lane=borrower), atol=1e-3)

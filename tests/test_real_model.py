@@ -48,7 +48,7 @@ def test_cached_scores_equal_full_recompute(assistant):
     cached = []
     for text in texts:
         cached.append(analyst.label_logprobs(text)[0])
-        assert engine.last_stats.reused >= len(analyst._before)
+        assert engine.last_stats.reused >= len(analyst.prefix_tokens)
     for text, with_cache in zip(texts, cached):
         engine.forget()
         fresh = analyst.label_logprobs(text)[0]
@@ -86,7 +86,7 @@ def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant, with_a
         served = []
         for text in texts:
             served.append(analyst.positive_probability(text).value)
-            assert engine.last_stats.reused >= len(analyst._before) - 8
+            assert engine.last_stats.reused >= len(analyst.prefix_tokens) - 8
         if not with_adapter:
             full_after_shallow = analyst.label_logprobs(texts[-1])[0]
             assert engine.last_stats.reused > 0
@@ -136,7 +136,7 @@ def test_only_the_tapped_lanes_read_hidden_states(assistant):
     engine = assistant.engine
     tokens = engine.tokenize("Not bad at all.") * 3
     assert engine.tapped_lanes == 2 and engine.lane_context_size(1) == engine.n_ctx
-    assert engine.lane_context_size(0) == 2048 and not engine._can_share(0, 1)
+    assert engine.lane_context_size(0) == 2048 and not engine.can_share(0, 1)
     with pytest.raises(EngineError, match="cannot read hidden states"):
         engine.hidden_state(tokens, 15, lane=2)
     assert engine.hidden_state(tokens, 15, lane=0).shape == (engine.hidden_size,)
@@ -193,9 +193,11 @@ def test_the_chat_adapter_changes_the_chat_lane_only(assistant):
 
 
 def test_long_prompts_are_chunked_without_small_batches(assistant):
+    from allinone.engine.llamacpp import chunk_sizes
+
     engine = assistant.engine
     for n in range(1, 3 * engine.batch_size):
-        sizes = engine._chunks(n)
+        sizes = chunk_sizes(n, engine.batch_size)
         assert sum(sizes) == n
         assert all(s <= engine.batch_size and (s >= 8 or len(sizes) == 1) for s in sizes)
 

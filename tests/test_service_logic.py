@@ -35,7 +35,7 @@ def test_analyze_gives_a_label_and_probability_and_reuses_the_prompt_prefix():
     first = assistant.analyze("今天很好")
     assert first.label in ("positive", "negative") and 0.5 <= first.probability <= 1.0
     assistant.analyze("今天很差")
-    prefix_len = len(assistant.analyst._before)
+    prefix_len = len(assistant.analyst.prefix_tokens)
     assert assistant.engine.last_stats.reused >= prefix_len
 
 
@@ -53,7 +53,7 @@ def test_long_text_is_cut_to_head_and_tail():
     assert result.truncated
     tokens, truncated = assistant.analyst.prompt_tokens(text)
     assert truncated
-    assert len(tokens) == len(assistant.analyst._before) + 64 + len(assistant.analyst._after)
+    assert len(tokens) == len(assistant.analyst.prefix_tokens) + 64 + len(assistant.analyst.suffix_tokens)
 
 
 def test_respond_gives_sentiment_first_then_reply_and_records_the_turn():

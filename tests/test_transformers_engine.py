@@ -52,12 +52,12 @@ def test_scoring_projects_only_the_candidate_rows(tiny_engine, monkeypatch):
     analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
     tokens, _ = analyst.prompt_tokens("The room was clean.")
     engine.forget()
-    full = log_softmax(engine._evaluate(tokens, 0)[analyst.candidates])
+    full = log_softmax(engine.logits(tokens, lane=0)[analyst.candidates])
 
     def no_full_projection(*args, **kwargs):
         raise AssertionError("the whole vocabulary was projected")
 
-    monkeypatch.setattr(engine._lm_head, "forward", no_full_projection)
+    monkeypatch.setattr(engine.hf_model.get_output_embeddings(), "forward", no_full_projection)
     engine.forget()
     np.testing.assert_allclose(engine.score(tokens, analyst.candidates), full, atol=1e-5)
 
@@ -72,8 +72,8 @@ def test_lane_caches_hold_exactly_their_tokens_over_many_requests(tiny_engine):
         analyst.label_logprobs(f"request {i}: " + "好" * (i % 7))
         if i % 40 == 0:
             list(engine.generate(analyst.prompt_tokens(f"chat {i}")[0], Sampling(max_tokens=4), lane=1 + i % 3))
-    assert len(engine._caches) == engine.n_lanes
-    for lane, cache in enumerate(engine._caches):
+    for lane in range(engine.n_lanes):
+        cache = engine.lane_cache(lane)
         n = len(engine.lane_tokens(lane))
         if cache is None:
             assert n == 0

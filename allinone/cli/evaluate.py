@@ -85,7 +85,7 @@ def cmd_train_head(args, settings: Settings) -> int:
     layers = args.layers
     if layers is None and args.role == "chat":
         # The respond flow's pass runs every block anyway, so reading high up costs nothing there
-        # (and on chat-dev's everyday messages block 23 detected 0.90 against 0.85 for block 15).
+        # (docs/accuracy.md has the sweep over depths).
         layers = assistant.engine.n_layers - 1
     labels = [item["label"] for item in items]
     total = len(items) + (heldout_count(labels, args.holdout) if point.prompt_alone else 0)

@@ -235,7 +235,7 @@ class Engine(ABC):
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         """Evaluate tokens at positions start.. on the lane; return last-position logits."""
 
-    def _can_share(self, src: int, dst: int) -> bool:
+    def can_share(self, src: int, dst: int) -> bool:
         """Whether lane dst can take over KV entries of lane src (backends may keep lanes apart)."""
         return True
 
@@ -285,7 +285,7 @@ class Engine(ABC):
         reuse = reusable(state)
         donor, donor_reuse = None, reuse
         for other, other_state in enumerate(self._lanes):
-            if other != lane and self._can_share(other, lane):
+            if other != lane and self.can_share(other, lane):
                 n = reusable(other_state)
                 if n > donor_reuse:
                     donor, donor_reuse = other, n
@@ -370,7 +370,7 @@ class Engine(ABC):
 
     def _suppressed_array(self, tokens: frozenset[int]) -> np.ndarray:
         # The same set comes back request after request (a role's script guard: ~33k ids);
-        # converting it costs ~1.5 ms, so the last conversion is kept.
+        # converting it costs about a millisecond per reply, so the last conversion is kept.
         if self._last_suppressed[0] is not tokens:
             self._last_suppressed = (tokens, np.fromiter(tokens, dtype=np.int64, count=len(tokens)))
         return self._last_suppressed[1]

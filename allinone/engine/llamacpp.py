@@ -24,18 +24,29 @@ _log_callback = None  # kept referenced: llama.cpp holds the pointer
 
 # Batch invariance. The prefix cache is only honest if a token's KV entries and logits do not
 # depend on how the tokens were split into decode calls, nor on where they sit in the KV cache
-# (see flash attention below). On this CPU backend they do not once a
-# call evaluates at least 8 tokens; calls of 1..7 tokens take other matmul and attention kernels
-# whose rounding differs, and a 0.5B quantised model amplifies that to ~0.03-0.05 in
-# log-probability (measured on the default model, tests/test_real_model.py). So scoring never
-# evaluates fewer than 8 tokens at once: the cache re-evaluates a few already-cached tokens
-# instead (~10 ms each), and long prompts are cut so that no chunk is that small. Runtime weight
-# repacking (IQ4_NL/Q4_0 -> 8x8 interleaved, AVX2 kernels) keeps this property: measured on the
-# derived IQ4_NL default model, 0.0 difference between cached and recomputed scores (80 dev
-# texts); the exactness tests run on it. Generation still decodes one token per call: chat
-# replies need no bit-equality with a recompute.
+# (see flash attention below). On this CPU backend they do not once a call evaluates at least 8
+# tokens; calls of 1..7 tokens take other matmul and attention kernels whose rounding differs, and
+# a small quantised model amplifies that to a visible change in log-probability (docs/architecture.md,
+# "Exact prefix cache"). So scoring never evaluates fewer than 8 tokens at once: the cache
+# re-evaluates a few already-cached tokens instead, and long prompts are cut so that no chunk is
+# that small. Runtime weight repacking (IQ4_NL/Q4_0 -> 8x8 interleaved, AVX2 kernels) keeps this
+# property; the exactness tests run on the repacked default model. Generation still decodes one
+# token per call: chat replies need no bit-equality with a recompute.
 _MIN_EXACT_BATCH = 8
 TAPPED_BATCH_SIZE = 128  # tokens per forward pass in the context that reads hidden states (see below)
+
+
+def chunk_sizes(n: int, batch_size: int) -> list[int]:
+    """Chunk sizes for evaluating n tokens: at most batch_size each, and (unless n itself is
+    smaller) none under _MIN_EXACT_BATCH."""
+    sizes = []
+    while n > batch_size:
+        size = batch_size
+        if n - size < _MIN_EXACT_BATCH:
+            size -= _MIN_EXACT_BATCH
+        sizes.append(size)
+        n -= size
+    return sizes + [n]
 
 
 class _LayerTap:
@@ -49,10 +60,9 @@ class _LayerTap:
     the head is faster than scoring. A complete pass (stop=False) reads the node on the way and
     goes on: the respond flow's one pass over a message for both roles.
 
-    Once a context has a callback, every node of every pass goes through it, armed or not (~800
-    Python calls per generated token). Measured on the chat lane, 4 messages x 48 tokens, twice:
-    26.4 ms per token in a context without the tap, 26.3 with it; a C callback (tried, not kept)
-    26.5. The calls are lost in the noise of a 26 ms step.
+    Once a context has a callback, every node of every pass goes through it, armed or not (hundreds
+    of Python calls per generated token). Measured, they are lost in the noise of a decode step, and
+    a C callback was no faster (docs/architecture.md).
 
     The llama.cpp KV entries of the tokens in a stopped pass exist only for the first k blocks;
     the engine's lane bookkeeping (base.py) keeps full passes away from them.
@@ -140,74 +150,21 @@ class LlamaCppEngine(Engine):
                  tapped_context_size: int, threads: int | None = None, n_lanes: int = 4, verbose: bool = False,
                  repack: bool = True, tapped_lanes: int = 1):
         import llama_cpp
-        from llama_cpp._internals import LlamaModel
 
         super().__init__(n_lanes)
         self._lib = llama_cpp
-        path = self.path = Path(model_path)
-        if not path.is_file():
-            raise EngineError(f"model file not found: {path}")
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise EngineError(f"model file not found: {self.path}")
         _init_backend(verbose)
         threads = threads or default_threads()
-
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        # Repacking copies most weights into llama.cpp's own layout, so the memory-mapped file
-        # pages (all touched while copying) would stay resident too: +190 MB for the default
-        # model. Reading the file into buffers instead keeps one copy (measured: RSS 622 vs 812 MB).
-        model_params.use_extra_bufts = repack
-        model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if repack else llama_cpp.LLAMA_LOAD_MODE_MMAP
-        try:
-            self._model = LlamaModel(path_model=str(path), params=model_params, verbose=verbose)
-        except ValueError as err:
-            raise EngineError(f"llama.cpp could not load {path}: {err}") from None
-
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = context_size
-        ctx_params.n_batch = batch_size
-        ctx_params.n_ubatch = batch_size
-        ctx_params.n_seq_max = n_lanes
-        # One KV pool shared by all lanes: a lane can then reuse another lane's prefix by
-        # reference (llama_memory_seq_cp tags cells, it copies no tensors), and no lane is
-        # limited to n_ctx / n_lanes.
-        ctx_params.kv_unified = True
-        # Flash attention off: on this CPU backend its result depends on where a lane's tokens sit
-        # in the KV cells (up to 0.05 in log-probability after the cache has been reused), so
-        # cached scores would drift from a full recompute. The plain attention path is exact.
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ctx_params.n_threads = threads
-        ctx_params.n_threads_batch = threads
-        ctx_params.embeddings = False
-        # Contexts over the same weights (a context holds only its KV cache and scratch buffers):
-        # lane 0 (sentiment) in one that carries the layer tap; further tapped lanes (chat, when
-        # the respond flow reads the sentiment on the chat lane's pass) in a second tapped one;
-        # the others (completions, the bench) in one without the tap. Lane 0 never shares its
-        # context, so a LoRA adapter on it (use_adapter) changes no other lane, and a long chat
-        # and a sentiment request never compete for the same KV cells.
+        self._model = self._load_model(repack, verbose)
         self._tap = _LayerTap(self._model.n_embd())
-        # The sentiment context is smaller (tapped_context_size), because its memory is resident
-        # too and a sentiment prompt with its longest text needs far less than a chat; and its
-        # forward passes are shorter (attention scratch shrinks with them; a dev text is a few
-        # dozen tokens). A tapped chat lane needs the whole context window.
-        plain = self._new_context(ctx_params, verbose)
-        ctx_params.cb_eval = self._tap.callback
-        tapped_batch = min(batch_size, TAPPED_BATCH_SIZE)
-        ctx_params.n_batch = ctx_params.n_ubatch = tapped_batch
-        sentiment = chat = None
-        if tapped_lanes > 0:
-            ctx_params.n_ctx = min(context_size, tapped_context_size)
-            sentiment = self._new_context(ctx_params, verbose)
-        if tapped_lanes > 1:
-            ctx_params.n_ctx = context_size
-            chat = self._new_context(ctx_params, verbose)
-        self._contexts = [c for c in (plain, sentiment, chat) if c is not None]
-        self._lane_context = [sentiment if lane == 0 and sentiment else chat if lane < tapped_lanes else plain
-                              for lane in range(n_lanes)]
-        self.tapped_lanes = tapped_lanes
+        self._create_contexts(context_size, batch_size, tapped_context_size, tapped_lanes, threads, verbose)
         self._adapters: dict[Path, object] = {}  # loaded LoRA adapters, by file
         self._pieces: dict[int, bytes] = {}  # token_bytes, by token
 
-        self.n_ctx = llama_cpp.llama_n_ctx(plain.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._contexts[0].ctx)
         self.n_vocab = self._model.n_vocab()
         self.n_layers = llama_cpp.llama_model_n_layer(self._model.model)
         self.hidden_size = self._model.n_embd()
@@ -218,6 +175,60 @@ class LlamaCppEngine(Engine):
         self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._model.vocab, t))
         template = llama_cpp.llama_model_chat_template(self._model.model, None)
         self._chat_template = template.decode("utf-8") if template else None
+
+    def _load_model(self, repack: bool, verbose: bool):
+        from llama_cpp._internals import LlamaModel
+
+        params = self._lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        # Repacking copies most weights into llama.cpp's own layout, so the memory-mapped file's
+        # pages (all touched while copying) would stay resident too; reading the file into buffers
+        # instead keeps one copy (docs/benchmarks.md has the memory figures).
+        params.use_extra_bufts = repack
+        params.load_mode = self._lib.LLAMA_LOAD_MODE_NONE if repack else self._lib.LLAMA_LOAD_MODE_MMAP
+        try:
+            return LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
+        except ValueError as err:
+            raise EngineError(f"llama.cpp could not load {self.path}: {err}") from None
+
+    def _create_contexts(self, context_size: int, batch_size: int, tapped_context_size: int, tapped_lanes: int,
+                         threads: int, verbose: bool) -> None:
+        """Contexts over the same weights (a context holds only its KV cache and scratch buffers):
+        lane 0 in one that carries the layer tap; further tapped lanes (the chat lane, when a head
+        reads its pass or it runs an adapter) in a second tapped one; the others in one without
+        the tap. A lane alone in its context can run a LoRA adapter that changes no other lane,
+        and never competes with another for KV cells."""
+        params = self._lib.llama_context_default_params()
+        params.n_ctx = context_size
+        params.n_batch = params.n_ubatch = batch_size
+        params.n_seq_max = self.n_lanes
+        # One KV pool shared by a context's lanes: a lane can then reuse another lane's prefix by
+        # reference (llama_memory_seq_cp tags cells, it copies no tensors), and no lane is
+        # limited to n_ctx / n_lanes.
+        params.kv_unified = True
+        # Flash attention off: on this CPU backend its result depends on where a lane's tokens sit
+        # in the KV cells, so cached scores would drift from a full recompute. The plain attention
+        # path is exact.
+        params.flash_attn_type = self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.n_threads = params.n_threads_batch = threads
+        params.embeddings = False
+        plain = self._new_context(params, verbose)
+        # The tapped contexts take shorter forward passes (attention scratch shrinks with them;
+        # texts are short); lane 0's is smaller too (tapped_context_size), because its memory is
+        # resident and a sentiment prompt with its longest text needs far less than a chat.
+        params.cb_eval = self._tap.callback
+        params.n_batch = params.n_ubatch = min(batch_size, TAPPED_BATCH_SIZE)
+        first = chat = None
+        if tapped_lanes > 0:
+            params.n_ctx = min(context_size, tapped_context_size)
+            first = self._new_context(params, verbose)
+        if tapped_lanes > 1:
+            params.n_ctx = context_size
+            chat = self._new_context(params, verbose)
+        self._contexts = [c for c in (plain, first, chat) if c is not None]
+        self._lane_context = [first if lane == 0 and first else chat if lane < tapped_lanes else plain
+                              for lane in range(self.n_lanes)]
+        self.tapped_lanes = tapped_lanes
 
     def _new_context(self, params, verbose: bool):
         from llama_cpp._internals import LlamaContext
@@ -339,7 +350,7 @@ class LlamaCppEngine(Engine):
     def lane_context_size(self, lane: int) -> int:
         return self._lib.llama_n_ctx(self._lane_context[lane].ctx)
 
-    def _can_share(self, src: int, dst: int) -> bool:
+    def can_share(self, src: int, dst: int) -> bool:
         return self._lane_context[src] is self._lane_context[dst]
 
     def _kv_share(self, src: int, dst: int, n: int) -> None:
@@ -347,19 +358,6 @@ class LlamaCppEngine(Engine):
 
     def _adjust_reuse(self, reuse: int, total: int) -> int:
         return min(reuse, max(0, total - _MIN_EXACT_BATCH))
-
-    def _chunks(self, n: int, batch_size: int | None = None) -> list[int]:
-        """Chunk sizes for evaluating n tokens: at most batch_size each, and (unless n itself is
-        smaller) none under _MIN_EXACT_BATCH."""
-        batch_size = batch_size or self.batch_size
-        sizes = []
-        while n > batch_size:
-            size = batch_size
-            if n - size < _MIN_EXACT_BATCH:
-                size -= _MIN_EXACT_BATCH
-            sizes.append(size)
-            n -= size
-        return sizes + [n]
 
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         self._feed(lane, tokens, start)
@@ -374,7 +372,7 @@ class LlamaCppEngine(Engine):
         if start + len(tokens) > n_ctx:
             raise ContextOverflow(f"{start + len(tokens)} tokens do not fit in the context of {n_ctx}")
         batch = self._batch
-        sizes = self._chunks(len(tokens), self._lib.llama_n_batch(context.ctx))
+        sizes = chunk_sizes(len(tokens), self._lib.llama_n_batch(context.ctx))
         offset = 0
         for index, size in enumerate(sizes):
             chunk = tokens[offset: offset + size]

@@ -391,6 +391,10 @@ class TransformersEngine(Engine):
         return logits.float().numpy().copy()
 
     # ---- for tests and the original recipe --------------------------------------------------
+    def lane_cache(self, lane: int):
+        """The lane's DynamicCache, or None when it is empty."""
+        return self._caches[lane]
+
     @property
     def hf_model(self):
         return self._model

@@ -3,9 +3,9 @@ network, at the analyst's scoring position.
 
 Why part-way: sentiment is linearly readable long before the last block. On the dev set, a head on
 the output of block 15 of the default model's 24 is as accurate as one on the final hidden state
-(0.86 either way; docs/accuracy.md has the layer sweep), and the engine stops the forward pass
+(docs/accuracy.md has the layer sweep), and the engine stops the forward pass
 there (Engine.hidden_state): the 9 blocks above and the 152k-row output projection are never
-computed, so a request costs ~60% of prompt scoring. The prompt still matters: it is what the
+computed, so a request costs well under a full scoring pass. The prompt still matters: it is what the
 model reads before the scoring position, and what the head was trained under.
 
 The residual stream's scale grows with depth and varies by text, so the head reads it RMS-
@@ -14,7 +14,7 @@ normalised (as the next block's norm would).
 A head may come with a LoRA adapter (a llama.cpp adapter GGUF next to its JSON) for the blocks
 below its reading point, trained jointly with it (tools/sentiment_lora/): the analyst's passes for
 the head then run those blocks adapted, on a lane that no other role shares. The packaged head for
-the default model has one: 0.8625 -> 0.90 on the dev set (docs/accuracy.md). Prompt-only scoring
+the default model has one (docs/accuracy.md has what it gains). Prompt-only scoring
 and the other roles keep the model's own weights.
 
 A head belongs to one model (keyed by the model file's sha256), one reading point and one depth.

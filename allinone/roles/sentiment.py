@@ -104,6 +104,11 @@ class SentimentAnalyst:
         """The prompt's fixed beginning, the same for every text."""
         return list(self._before)
 
+    @property
+    def suffix_tokens(self) -> list[int]:
+        """What the prompt puts after the text."""
+        return list(self._after)
+
     def warm_prefix(self, *, use_head: bool = True) -> None:
         """Leave the lane holding just the prompt's fixed beginning: the state a request finds
         when the previous one was a different text (used to time methods fairly). `use_head`:
