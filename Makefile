@@ -2,7 +2,9 @@
 #              included: torch CPU, transformers, gguf), plus the verified default model.
 #              Idempotent: a second run only checks the stamps (llama-cpp-python builds from
 #              source the first time, ~10 minutes; pip caches the wheel afterwards).
-# make test  : setup, then the whole test suite (loads the real default model once).
+# make test  : setup, then the whole test suite, every tier (loads the real default model once).
+# make test-fast : the tests that need neither the model nor a browser (under a minute).
+# make lint  : ruff's checks and its formatter, as configured in pyproject.toml.
 # make serve : setup, then the HTTP API and web page on http://127.0.0.1:8000/ (allinone serve).
 # make bench : setup, then `allinone bench --quick` (with the llama-server peer if it was built).
 # make llama-server : builds llama.cpp's own server (the benchmark's peer, `allinone bench
@@ -16,7 +18,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup model browser test serve bench clean-venv llama-server
+.PHONY: setup model browser test test-fast lint serve bench clean-venv llama-server
 
 setup: $(STAMP) model browser
 
@@ -45,6 +47,13 @@ bench: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not model and not browser"
+
+lint: $(STAMP)
+	$(BIN)/ruff check allinone tests tools
+	$(BIN)/ruff format --check allinone tests tools
 
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_SRC := build/llama-cpp-python-src

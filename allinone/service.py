@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from enum import IntEnum
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from .conversation.history import Conversation, Turn
 from .engine import open_engine
@@ -16,11 +16,12 @@ from .engine.base import Engine, Sampling
 from .engine.text import TextStream
 from .model.store import model_sha256, resolve_model_path
 from .roles.adapter import ChatAdapter
-from .roles.head import SentimentHead
 from .roles.chat import ChatRole
+from .roles.head import SentimentHead
 from .roles.prompts import chat_prompt, sentiment_prompt
 from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_text
 from .settings import Settings
+
 
 class Lane(IntEnum):
     """Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix. On
@@ -50,8 +51,7 @@ class Response:
     reply text as it is generated. When iteration ends (or `close()` is called, e.g. on Ctrl-C)
     the turn, with whatever reply was produced, is added to the conversation."""
 
-    def __init__(self, sentiment: Sentiment, deltas: Iterator[str], finish: Callable[[], None],
-                 stats: ReplyStats):
+    def __init__(self, sentiment: Sentiment, deltas: Iterator[str], finish: Callable[[], None], stats: ReplyStats):
         self.sentiment = sentiment
         self.stats = stats
         self._deltas = deltas
@@ -91,8 +91,9 @@ def find_chat_adapter(settings: Settings, model_sha: str | None) -> ChatAdapter 
     return ChatAdapter.find(model_sha, chat_prompt(settings.chat_prompt).key, adapters_directory(settings))
 
 
-def find_heads(settings: Settings, model_sha: str | None, chat_adapter: ChatAdapter | None = None
-               ) -> tuple[SentimentHead | None, SentimentHead | None]:
+def find_heads(
+    settings: Settings, model_sha: str | None, chat_adapter: ChatAdapter | None = None
+) -> tuple[SentimentHead | None, SentimentHead | None]:
     """The learned heads for this model, if any (settings.sentiment_head off: none): the
     analyst's, for its sentiment prompt, and, with shared_prefill, the chat prompt's, for the
     weights the chat lane runs (the model's own or `chat_adapter`)."""
@@ -121,13 +122,19 @@ class Assistant:
 
     def __post_init__(self):
         s = self.settings
-        self.analyst = SentimentAnalyst(self.engine, sentiment_prompt(s.sentiment_prompt), lane=Lane.SENTIMENT,
-                                        max_text_chars=s.max_text_chars, max_text_tokens=s.max_text_tokens)
-        self.chat = ChatRole(self.engine, chat_prompt(s.chat_prompt), lane=Lane.CHAT,
-                             reply_max_tokens=s.reply_max_tokens)
+        self.analyst = SentimentAnalyst(
+            self.engine,
+            sentiment_prompt(s.sentiment_prompt),
+            lane=Lane.SENTIMENT,
+            max_text_chars=s.max_text_chars,
+            max_text_tokens=s.max_text_tokens,
+        )
+        self.chat = ChatRole(
+            self.engine, chat_prompt(s.chat_prompt), lane=Lane.CHAT, reply_max_tokens=s.reply_max_tokens
+        )
 
     @classmethod
-    def load(cls, settings: Settings | None = None, *, chat_lane_reads_hidden_states: bool = False) -> "Assistant":
+    def load(cls, settings: Settings | None = None, *, chat_lane_reads_hidden_states: bool = False) -> Assistant:
         """`chat_lane_reads_hidden_states`: even without a chat head (to train one)."""
         settings = settings or Settings()
         path = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
@@ -138,8 +145,12 @@ class Assistant:
         # The chat lane gets a llama.cpp context of its own (full-size: a second KV cache) when a
         # chat head reads hidden states on it or it runs an adapter (llama.cpp sets adapters per context).
         own_chat_context = chat_head or adapter or chat_lane_reads_hidden_states
-        engine = open_engine(path, settings, n_lanes=len(Lane),
-                             hidden_state_lanes=Lane.CHAT + 1 if own_chat_context else Lane.SENTIMENT + 1)
+        engine = open_engine(
+            path,
+            settings,
+            n_lanes=len(Lane),
+            hidden_state_lanes=Lane.CHAT + 1 if own_chat_context else Lane.SENTIMENT + 1,
+        )
         assistant = cls(engine=engine, settings=settings, model_path=path)
         assistant.chat.use_adapter(adapter)
         assistant.use_heads(head, chat_head)
@@ -174,9 +185,14 @@ class Assistant:
 
     def default_sampling(self) -> Sampling:
         s = self.settings
-        return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p,
-                        repeat_penalty=s.repeat_penalty, no_repeat_ngram=s.reply_no_repeat_ngram,
-                        max_copy=s.reply_max_copy)
+        return Sampling(
+            max_tokens=s.reply_max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            repeat_penalty=s.repeat_penalty,
+            no_repeat_ngram=s.reply_no_repeat_ngram,
+            max_copy=s.reply_max_copy,
+        )
 
     def analyze(self, text: str, *, method: str = "score") -> Sentiment:
         if method == "score":
@@ -193,8 +209,15 @@ class Assistant:
             return self._sentiment_on_the_chat_pass(tokens[:message_end])
         raise ValueError(f"unknown method {method!r} (score, prompt, seed or chat)")
 
-    def respond(self, conversation: Conversation, message: str, *, sampling: Sampling | None = None,
-                should_stop: Callable[[], bool] | None = None, shared_prefill: bool = True) -> Response:
+    def respond(
+        self,
+        conversation: Conversation,
+        message: str,
+        *,
+        sampling: Sampling | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        shared_prefill: bool = True,
+    ) -> Response:
         """Sentiment first (available on the returned object at once), then the reply as a stream.
 
         With a chat head (settings.shared_prefill), the message is evaluated once: the chat lane's
@@ -206,8 +229,9 @@ class Assistant:
         validate_text(message, self.settings.max_text_chars)
         sampling = sampling or self.default_sampling()
         if self.settings.reply_in_script:
-            sampling = dataclasses.replace(sampling, suppress_tokens=sampling.suppress_tokens
-                                           | self.chat.script_guard(message))
+            sampling = dataclasses.replace(
+                sampling, suppress_tokens=sampling.suppress_tokens | self.chat.script_guard(message)
+            )
         if sampling.max_copy:
             sampling = dataclasses.replace(sampling, copy_source=tuple(self.engine.tokenize(message)))
         turns = conversation.turns
@@ -238,26 +262,37 @@ class Assistant:
             stats.total_ms = (time.perf_counter() - start) * 1000
             stats.completion_tokens = len(stream.tokens)
             stats.finish_reason = stream.finish_reason
-            conversation.turns.append(Turn(message=message, sentiment=sentiment.label,
-                                           user_content=user_content, reply=stream.text))
+            conversation.turns.append(
+                Turn(message=message, sentiment=sentiment.label, user_content=user_content, reply=stream.text)
+            )
 
         return Response(sentiment, deltas(), finish, stats)
 
     def _sentiment_on_the_chat_pass(self, tokens: list[int]) -> Sentiment:
         start = time.perf_counter()
         hidden = self.engine.hidden_state(tokens, self.chat_head.layers, lane=Lane.CHAT, complete=True)
-        return Sentiment.from_positive(self.chat_head.positive_probability(hidden),
-                                       (time.perf_counter() - start) * 1000)
+        return Sentiment.from_positive(
+            self.chat_head.positive_probability(hidden), (time.perf_counter() - start) * 1000
+        )
 
-    def complete(self, messages: Sequence[dict], *, sampling: Sampling | None = None, stop: Sequence[str] = (),
-                 should_stop: Callable[[], bool] | None = None) -> tuple[TextStream, int]:
+    def complete(
+        self,
+        messages: Sequence[dict],
+        *,
+        sampling: Sampling | None = None,
+        stop: Sequence[str] = (),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[TextStream, int]:
         """A plain chat completion over caller-given messages (role/content dicts), with the
         model's chat template; returns the text stream and the prompt's token count."""
         if not messages:
             raise InputError("messages must not be empty")
         for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)
+            ):
                 raise InputError("each message needs a role (system, user or assistant) and a string content")
         sampling = sampling or self.default_sampling()
         tokens = self.chat.template.tokens(messages)

@@ -14,81 +14,138 @@ from .machine import default_threads
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALLINONE_", extra="ignore", protected_namespaces=())
 
-    home: Path = Field(Path("~/.cache/allinone").expanduser(),
-                       description="Data directory: the default model, trained heads, session store.")
+    home: Path = Field(
+        Path("~/.cache/allinone").expanduser(),
+        description="Data directory: the default model, trained heads, session store.",
+    )
     model: str | None = Field(None, description="Path to a Qwen chat GGUF; default: the installed default model.")
     default_weights: Literal["iq4_nl", "q4_k_m"] = Field(
-        "iq4_nl", description="Form of the default model when no --model is given: iq4_nl, derived locally from "
-                              "the verified Q4_K_M by `allinone install-model` (faster on CPU: repacked kernels), "
-                              "or the original q4_k_m. Falls back to q4_k_m when iq4_nl has not been made.")
-    repack: bool = Field(True, description="Let llama.cpp repack weights at load for its faster AVX2/NEON matrix "
-                                           "kernels (Q4_0, IQ4_NL, Q4_K tensors).")
-    sentiment_head: bool = Field(True, description="Decide sentiment with a learned head when one exists for this "
-                                                   "model and prompt (packaged, or made by `allinone train-head`); "
-                                                   "off = the prompt's two label tokens alone (and no shared prefill).")
-    shared_prefill: bool = Field(True, description="Respond flow: evaluate the user's message once for both roles. "
-                                                   "The chat lane's pass over the message also yields the sentiment, "
-                                                   "read by a head trained at the end of the message in the chat "
-                                                   "prompt (packaged, or `allinone train-head --role chat`); without "
-                                                   "one, the analyst scores the message on a pass of its own.")
-    chat_adapter: bool = Field(True, description="Run the chat role with the LoRA adapter trained for this model and "
-                                                 "chat prompt when one exists (packaged, or in <home>/adapters); off = "
-                                                 "the model's own weights. Only the chat lane runs it.")
+        "iq4_nl",
+        description="Form of the default model when no --model is given: iq4_nl, derived locally from "
+        "the verified Q4_K_M by `allinone install-model` (faster on CPU: repacked kernels), "
+        "or the original q4_k_m. Falls back to q4_k_m when iq4_nl has not been made.",
+    )
+    repack: bool = Field(
+        True,
+        description="Let llama.cpp repack weights at load for its faster AVX2/NEON matrix "
+        "kernels (Q4_0, IQ4_NL, Q4_K tensors).",
+    )
+    sentiment_head: bool = Field(
+        True,
+        description="Decide sentiment with a learned head when one exists for this "
+        "model and prompt (packaged, or made by `allinone train-head`); "
+        "off = the prompt's two label tokens alone (and no shared prefill).",
+    )
+    shared_prefill: bool = Field(
+        True,
+        description="Respond flow: evaluate the user's message once for both roles. "
+        "The chat lane's pass over the message also yields the sentiment, "
+        "read by a head trained at the end of the message in the chat "
+        "prompt (packaged, or `allinone train-head --role chat`); without "
+        "one, the analyst scores the message on a pass of its own.",
+    )
+    chat_adapter: bool = Field(
+        True,
+        description="Run the chat role with the LoRA adapter trained for this model and "
+        "chat prompt when one exists (packaged, or in <home>/adapters); off = "
+        "the model's own weights. Only the chat lane runs it.",
+    )
     engine: Literal["auto", "llamacpp", "transformers"] = Field(
-        "auto", description="Inference engine; 'auto' picks llama.cpp for .gguf files and transformers "
-                            "(PyTorch, the optional extra) for a Hugging Face directory with config.json.")
+        "auto",
+        description="Inference engine; 'auto' picks llama.cpp for .gguf files and transformers "
+        "(PyTorch, the optional extra) for a Hugging Face directory with config.json.",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Weights and compute type of the transformers engine (a GGUF is dequantised "
-                               "to it); llama.cpp ignores it.")
-    threads: int = Field(default_factory=default_threads, ge=1, description="CPU threads for inference "
-                                                                              "(default: one per core).")
+        "float32",
+        description="Weights and compute type of the transformers engine (a GGUF is dequantised "
+        "to it); llama.cpp ignores it.",
+    )
+    threads: int = Field(
+        default_factory=default_threads, ge=1, description="CPU threads for inference (default: one per core)."
+    )
     context_size: int = Field(4096, ge=256, description="Context window (tokens) of the chat and completion lanes.")
-    sentiment_context_size: int = Field(2048, ge=256, description="Context window of the sentiment lane (llama.cpp; "
-                                                                  "at most context_size): a sentiment prompt with the "
-                                                                  "longest text fits in far less than a chat, and "
-                                                                  "this lane's cache stays resident.")
+    sentiment_context_size: int = Field(
+        2048,
+        ge=256,
+        description="Context window of the sentiment lane (llama.cpp; "
+        "at most context_size): a sentiment prompt with the "
+        "longest text fits in far less than a chat, and "
+        "this lane's cache stays resident.",
+    )
     batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")
-    sentiment_prompt: str = Field("fewshot", description="Name of the sentiment prompt (see `allinone roles`); "
-                                                         "'original' is the first recipe's, verbatim.")
-    chat_prompt: str = Field("warm", description="Name of the chat prompt (see `allinone roles`); 'original' is the first recipe.")
+    sentiment_prompt: str = Field(
+        "fewshot",
+        description="Name of the sentiment prompt (see `allinone roles`); 'original' is the first recipe's, verbatim.",
+    )
+    chat_prompt: str = Field(
+        "warm", description="Name of the chat prompt (see `allinone roles`); 'original' is the first recipe."
+    )
     max_text_chars: int = Field(20_000, ge=1, description="Texts longer than this are rejected outright.")
-    max_text_tokens: int = Field(1024, ge=16,
-                                 description="Sentiment texts longer than this many tokens (or than the "
-                                             "sentiment lane's context leaves room for) keep their head and "
-                                             "tail (with a warning); the middle is dropped.")
+    max_text_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Sentiment texts longer than this many tokens (or than the "
+        "sentiment lane's context leaves room for) keep their head and "
+        "tail (with a warning); the middle is dropped.",
+    )
     reply_max_tokens: int = Field(256, ge=1, description="Longest chat reply, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Chat sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Chat nucleus sampling threshold.")
-    reply_in_script: bool = Field(True, description="A reply to an English message never uses Chinese, Japanese "
-                                                   "or Korean characters (the small model sometimes answers "
-                                                   "in Chinese otherwise).")
-    repeat_penalty: float = Field(1.1, ge=1.0, le=2.0, description="Chat repetition penalty on the tokens generated "
-                                                                   "so far (1 = off); 1.1 stops the loops the 0.5B model "
-                                                                   "falls into (eval-chat 0.85 -> 0.875).")
-    reply_no_repeat_ngram: int = Field(0, ge=0, description="A chat reply never says the same run of this many "
-                                                            "tokens twice (0 = off).")
-    reply_max_copy: int = Field(0, ge=0, description="Longest run of the user's message, in tokens, that a chat reply "
-                                                     "may repeat (0 = no limit): a reply should answer the message, "
-                                                     "not hand it back.")
+    reply_in_script: bool = Field(
+        True,
+        description="A reply to an English message never uses Chinese, Japanese "
+        "or Korean characters (the small model sometimes answers "
+        "in Chinese otherwise).",
+    )
+    repeat_penalty: float = Field(
+        1.1,
+        ge=1.0,
+        le=2.0,
+        description="Chat repetition penalty on the tokens generated "
+        "so far (1 = off); 1.1 stops the loops the 0.5B model "
+        "falls into (eval-chat 0.85 -> 0.875).",
+    )
+    reply_no_repeat_ngram: int = Field(
+        0, ge=0, description="A chat reply never says the same run of this many tokens twice (0 = off)."
+    )
+    reply_max_copy: int = Field(
+        0,
+        ge=0,
+        description="Longest run of the user's message, in tokens, that a chat reply "
+        "may repeat (0 = no limit): a reply should answer the message, "
+        "not hand it back.",
+    )
 
     # ---- the HTTP service (`allinone serve`) ----
-    host: str = Field("127.0.0.1", description="Address the server binds to. Anything other than a loopback "
-                                                "address requires an API key.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the server binds to. Anything other than a loopback address requires an API key.",
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the server.")
-    api_key: SecretStr | None = Field(None, description="If set, every /v1 and /metrics request must send "
-                                                        "`Authorization: Bearer <key>`; required off loopback.")
-    queue_size: int = Field(16, ge=1, description="Requests that may wait for the model; more get 503 with "
-                                                  "Retry-After.")
-    request_timeout: float = Field(120.0, gt=0, description="Seconds a request may take, waiting included; "
-                                                            "generation stops when it runs out.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, every /v1 and /metrics request must send "
+        "`Authorization: Bearer <key>`; required off loopback.",
+    )
+    queue_size: int = Field(
+        16, ge=1, description="Requests that may wait for the model; more get 503 with Retry-After."
+    )
+    request_timeout: float = Field(
+        120.0, gt=0, description="Seconds a request may take, waiting included; generation stops when it runs out."
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (413 beyond).")
-    max_message_chars: int = Field(8_000, ge=1, description="Longest chat message (respond, chat completions) "
-                                                            "in characters (422 beyond).")
+    max_message_chars: int = Field(
+        8_000, ge=1, description="Longest chat message (respond, chat completions) in characters (422 beyond)."
+    )
     max_batch_texts: int = Field(64, ge=1, description="Most texts in one /v1/sentiment request.")
-    session_db: Path | None = Field(None, description="SQLite file of the chat sessions; default: "
-                                                      "<home>/sessions.sqlite3.")
-    session_max_turns: int = Field(100, ge=1, description="Turns kept per session; older ones are dropped "
-                                                          "(history is also trimmed to fit the context).")
+    session_db: Path | None = Field(
+        None, description="SQLite file of the chat sessions; default: <home>/sessions.sqlite3."
+    )
+    session_max_turns: int = Field(
+        100,
+        ge=1,
+        description="Turns kept per session; older ones are dropped (history is also trimmed to fit the context).",
+    )
     session_idle_hours: float = Field(24.0 * 7, gt=0, description="Sessions untouched this long are deleted.")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")
 

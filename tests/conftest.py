@@ -43,6 +43,7 @@ def assistant(settings, default_model_path):
 
 # ---- the transformers engine on a tiny random Qwen2 built here (no download) ----------------------
 
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.tiny_hf_model import build_tiny_model
@@ -66,14 +67,16 @@ def cli_env(tmp_path) -> dict:
 
 # ---- the HTTP server (tests/test_server.py, tests/test_page.py) -----------------------------------
 
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, default_model_path):
     """One real `allinone serve` on a free loopback port with the real default model, shared by the
     server and page tests. Short replies keep the tests quick."""
     from tests.serverproc import ServerProcess
 
-    proc = ServerProcess(tmp_path_factory.mktemp("server"), env={"ALLINONE_REPLY_MAX_TOKENS": "24",
-                                                                 "ALLINONE_QUEUE_SIZE": "8"})
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("server"), env={"ALLINONE_REPLY_MAX_TOKENS": "24", "ALLINONE_QUEUE_SIZE": "8"}
+    )
     proc.start()
     yield proc
     proc.stop()

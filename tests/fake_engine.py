@@ -7,7 +7,7 @@ reply so generation and stop handling can be checked exactly."""
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -83,8 +83,9 @@ class FakeEngine(Engine):
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         return self._logits(self._run(lane, tokens, start, LAYERS))
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
-                       stop: bool = True) -> np.ndarray:
+    def _decode_hidden(
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+    ) -> np.ndarray:
         return self.model_hidden_state(self._run(lane, tokens, start, layers if stop else LAYERS), layers)
 
     def model_hidden_state(self, history: Sequence[int], layers: int = LAYERS) -> np.ndarray:
@@ -99,7 +100,7 @@ class FakeEngine(Engine):
         # Scripted continuation: after "<|im_start|>assistant\n", spell the reply, then end the turn.
         mark = [SPECIALS["<|im_start|>"], *ASSISTANT_MARK]
         for start in range(len(history) - len(mark), -1, -1):
-            if history[start:start + len(mark)] == mark:
+            if history[start : start + len(mark)] == mark:
                 k = len(history) - (start + len(mark))
                 target = self.reply[k] if k < len(self.reply) else SPECIALS["<|im_end|>"]
                 logits[target] += 50.0

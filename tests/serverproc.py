@@ -23,23 +23,30 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, workdir: Path, *, session_db: Path | None = None, env: dict | None = None,
-                 port: int | None = None):
+    def __init__(
+        self, workdir: Path, *, session_db: Path | None = None, env: dict | None = None, port: int | None = None
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.session_db = session_db or workdir / "sessions.sqlite3"
         self.log_path = workdir / f"server-{self.port}-{int(time.time() * 1000)}.log"
         self.env = dict(os.environ)
         self.env.setdefault("ALLINONE_HOME", str(Settings().resolved_home()))
-        self.env.update({"ALLINONE_HOST": "127.0.0.1", "ALLINONE_PORT": str(self.port),
-                         "ALLINONE_SESSION_DB": str(self.session_db)})
+        self.env.update(
+            {"ALLINONE_HOST": "127.0.0.1", "ALLINONE_PORT": str(self.port), "ALLINONE_SESSION_DB": str(self.session_db)}
+        )
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
+    def start(self, timeout: float = 120.0) -> ServerProcess:
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "allinone", "serve"], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "allinone", "serve"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -11,8 +11,9 @@ from allinone.roles.prompts import chat_prompt
 def make_adapter(tmp_path, content=b"not really a gguf", prompt="chat-warm"):
     source = tmp_path / "trained.gguf"
     source.write_bytes(content)
-    return ChatAdapter(model_sha256="ab" * 32, prompt=prompt, path=source, sha256=file_sha256(source),
-                       info={"steps": 3})
+    return ChatAdapter(
+        model_sha256="ab" * 32, prompt=prompt, path=source, sha256=file_sha256(source), info={"steps": 3}
+    )
 
 
 def test_saved_adapter_loads_and_is_found_for_its_model_and_prompt(tmp_path):

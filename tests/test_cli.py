@@ -7,18 +7,19 @@ import sys
 import pytest
 
 
-
 def run(args, env, stdin: bytes | str | None = None, timeout=300):
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8")
-    done = subprocess.run([sys.executable, "-m", "allinone", *args], input=stdin, capture_output=True,
-                          env=env, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "allinone", *args], input=stdin, capture_output=True, env=env, timeout=timeout
+    )
     return done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8")
 
 
 def test_analyze_json_acceptance_example(cli_env):
-    code, out, err = run(["analyze", "--json", "今天的实验终于成功了,太棒了!",
-                          "The service was slow and the food was cold."], cli_env)
+    code, out, err = run(
+        ["analyze", "--json", "今天的实验终于成功了,太棒了!", "The service was slow and the food was cold."], cli_env
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["label"] for r in rows] == ["positive", "negative"]
@@ -55,7 +56,7 @@ def test_chat_shows_sentiment_then_reply_and_handles_commands(cli_env):
     assert lines[0] == "😄 LLM 情感判断: 正面"
     assert lines[1].strip()  # the reply
     assert "(new conversation)" in lines
-    after_reset = lines[lines.index("(new conversation)") + 1:]
+    after_reset = lines[lines.index("(new conversation)") + 1 :]
     assert after_reset[0] == "😞 LLM 情感判断: 负面"
     assert after_reset[1].strip()
 
@@ -65,8 +66,10 @@ def write_jsonl(path, rows):
 
 
 def test_batch_is_resumable_without_duplicates_or_loss(cli_env, tmp_path):
-    rows = [{"id": f"t{i}", "text": t, "label": "gold", "extra": i} for i, t in enumerate(
-        ["很好", "很差", "great stuff", "awful", "还不错", "meh, broken on arrival"])]
+    rows = [
+        {"id": f"t{i}", "text": t, "label": "gold", "extra": i}
+        for i, t in enumerate(["很好", "很差", "great stuff", "awful", "还不错", "meh, broken on arrival"])
+    ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, rows)
     code, _, err = run(["batch", str(src), "-o", str(out)], cli_env)
@@ -88,10 +91,13 @@ def test_batch_is_resumable_without_duplicates_or_loss(cli_env, tmp_path):
 
 def test_eval_json_has_the_documented_fields(cli_env, tmp_path):
     data = tmp_path / "data.jsonl"
-    write_jsonl(data, [
-        {"text": "太棒了,非常满意", "label": "positive", "lang": "zh", "source": "a"},
-        {"text": "The worst hotel I have ever stayed in.", "label": "negative", "lang": "en", "source": "b"},
-    ])
+    write_jsonl(
+        data,
+        [
+            {"text": "太棒了,非常满意", "label": "positive", "lang": "zh", "source": "a"},
+            {"text": "The worst hotel I have ever stayed in.", "label": "negative", "lang": "en", "source": "b"},
+        ],
+    )
     for method in ("score", "seed"):
         code, out, err = run(["eval", str(data), "--json", "--method", method], cli_env)
         assert code == 0, err
@@ -104,10 +110,13 @@ def test_eval_json_has_the_documented_fields(cli_env, tmp_path):
 
 def test_eval_chat_reports_pass_rate_and_writes_replies(cli_env, tmp_path):
     data, out = tmp_path / "chat.jsonl", tmp_path / "replies.jsonl"
-    write_jsonl(data, [
-        {"id": "a", "lang": "zh", "sentiment": "positive", "message": "我今天学会了游泳!"},
-        {"id": "b", "lang": "en", "sentiment": "negative", "message": "My phone fell in the lake."},
-    ])
+    write_jsonl(
+        data,
+        [
+            {"id": "a", "lang": "zh", "sentiment": "positive", "message": "我今天学会了游泳!"},
+            {"id": "b", "lang": "en", "sentiment": "negative", "message": "My phone fell in the lake."},
+        ],
+    )
     code, stdout, err = run(["eval-chat", str(data), "--json", "--out", str(out), "--reply-max-tokens", "48"], cli_env)
     assert code == 0, err
     report = json.loads(stdout)
@@ -122,11 +131,26 @@ def test_eval_chat_reports_pass_rate_and_writes_replies(cli_env, tmp_path):
 
 def test_eval_chat_turns_follows_scripted_conversations(cli_env, tmp_path):
     data, out = tmp_path / "turns.jsonl", tmp_path / "replies.jsonl"
-    write_jsonl(data, [{"id": "c1", "lang": "en", "turns": [
-        {"message": "My cat has been sick all week.", "sentiment": "negative"},
-        {"message": "The vet says she will be fine!", "sentiment": "positive", "expect_any": ["cat", "she", "her"]}]}])
-    code, stdout, err = run(["eval-chat", str(data), "--turns", "--json", "--out", str(out),
-                             "--reply-max-tokens", "40"], cli_env)
+    write_jsonl(
+        data,
+        [
+            {
+                "id": "c1",
+                "lang": "en",
+                "turns": [
+                    {"message": "My cat has been sick all week.", "sentiment": "negative"},
+                    {
+                        "message": "The vet says she will be fine!",
+                        "sentiment": "positive",
+                        "expect_any": ["cat", "she", "her"],
+                    },
+                ],
+            }
+        ],
+    )
+    code, stdout, err = run(
+        ["eval-chat", str(data), "--turns", "--json", "--out", str(out), "--reply-max-tokens", "40"], cli_env
+    )
     assert code == 0, err
     report = json.loads(stdout)
     assert report["conversations"] == 1 and report["n"] == 2 and set(report["pass_rate_by_turn"]) == {"1", "2"}
@@ -139,11 +163,14 @@ def test_eval_chat_turns_follows_scripted_conversations(cli_env, tmp_path):
 
 def test_eval_reports_calibration_and_draws_the_reliability_diagram(cli_env, tmp_path):
     data, png = tmp_path / "data.jsonl", tmp_path / "reliability.png"
-    write_jsonl(data, [
-        {"text": "太棒了,非常满意", "label": "positive"},
-        {"text": "The worst hotel I have ever stayed in.", "label": "negative"},
-        {"text": "还行吧,一般般", "label": "negative"},
-    ])
+    write_jsonl(
+        data,
+        [
+            {"text": "太棒了,非常满意", "label": "positive"},
+            {"text": "The worst hotel I have ever stayed in.", "label": "negative"},
+            {"text": "还行吧,一般般", "label": "negative"},
+        ],
+    )
     code, out, err = run(["eval", str(data), "--json", "--plot", str(png)], cli_env)
     assert code == 0, err
     calibration = json.loads(out)["calibration"]
@@ -154,14 +181,36 @@ def test_eval_reports_calibration_and_draws_the_reliability_diagram(cli_env, tmp
 @pytest.mark.slow
 def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
     data = tmp_path / "data.jsonl"
-    write_jsonl(data, [{"text": t, "label": l} for t, l in [
-        ("太棒了,非常满意", "positive"), ("The worst hotel I have ever stayed in.", "negative"),
-        ("Lovely staff, would come back.", "positive"), ("送餐太慢了,菜都凉了", "negative")]])
+    write_jsonl(
+        data,
+        [
+            {"text": t, "label": label}
+            for t, label in [
+                ("太棒了,非常满意", "positive"),
+                ("The worst hotel I have ever stayed in.", "negative"),
+                ("Lovely staff, would come back.", "positive"),
+                ("送餐太慢了,菜都凉了", "negative"),
+            ]
+        ],
+    )
     chat = tmp_path / "chat.jsonl"
     write_jsonl(chat, [{"message": "今天升职了!"}, {"message": "My cat is sick."}])
     plot = tmp_path / "bench.png"
-    code, out, err = run(["bench", "--texts", str(data), "--json", "--quiet", "--no-original",
-                          "--chat-messages", str(chat), "--plot", str(plot)], cli_env)
+    code, out, err = run(
+        [
+            "bench",
+            "--texts",
+            str(data),
+            "--json",
+            "--quiet",
+            "--no-original",
+            "--chat-messages",
+            str(chat),
+            "--plot",
+            str(plot),
+        ],
+        cli_env,
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["n"] == 4 and {"score", "seed", "raw-llama-cpp-python"} <= set(report["methods"])
@@ -178,12 +227,30 @@ def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
 def test_bench_runs_the_original_recipe_and_our_scoring_on_its_float32_model(cli_env, tmp_path, tiny_model_dir):
     """The slow baselines, on the tiny Qwen2 built by the tests instead of the real float32 model."""
     data = tmp_path / "data.jsonl"
-    write_jsonl(data, [{"text": "太棒了,非常满意", "label": "positive"},
-                       {"text": "The worst hotel I have ever stayed in.", "label": "negative"}])
+    write_jsonl(
+        data,
+        [
+            {"text": "太棒了,非常满意", "label": "positive"},
+            {"text": "The worst hotel I have ever stayed in.", "label": "negative"},
+        ],
+    )
     chat = tmp_path / "chat.jsonl"
     write_jsonl(chat, [{"message": "今天升职了!"}])
-    code, out, err = run(["bench", "--texts", str(data), "--json", "--quiet", "--no-raw",
-                          "--original-model", str(tiny_model_dir), "--chat-messages", str(chat)], cli_env)
+    code, out, err = run(
+        [
+            "bench",
+            "--texts",
+            str(data),
+            "--json",
+            "--quiet",
+            "--no-raw",
+            "--original-model",
+            str(tiny_model_dir),
+            "--chat-messages",
+            str(chat),
+        ],
+        cli_env,
+    )
     assert code == 0, err
     report = json.loads(out)
     assert {"original", "prompt-transformers"} <= set(report["methods"])
@@ -192,6 +259,7 @@ def test_bench_runs_the_original_recipe_and_our_scoring_on_its_float32_model(cli
 
 
 # ---- train-head: the learned head on the real model -------------------------------------------------
+
 
 def home_with_models(tmp_path, cli_env) -> dict:
     """A fresh ALLINONE_HOME that shares the installed models but has no heads of its own."""
@@ -204,16 +272,30 @@ def home_with_models(tmp_path, cli_env) -> dict:
 
 
 TRAIN_TEXTS = [
-    ("太棒了,非常满意", "positive"), ("服务很好,下次还来", "positive"), ("味道不错,物流也快", "positive"),
-    ("质量很好,推荐购买", "positive"), ("The staff were lovely and helpful.", "positive"),
-    ("Great value, I would buy it again.", "positive"), ("An excellent, moving film.", "positive"),
-    ("Fast delivery and it works perfectly.", "positive"), ("房间干净,位置方便", "positive"),
-    ("非常好用,超出预期", "positive"), ("Best coffee in town!", "positive"), ("I love this phone.", "positive"),
-    ("太差了,再也不买了", "negative"), ("送餐太慢,菜都凉了", "negative"), ("质量很差,用了一天就坏", "negative"),
-    ("客服态度恶劣", "negative"), ("The worst hotel I have ever stayed in.", "negative"),
-    ("It broke after two days.", "negative"), ("A dull, boring film.", "negative"),
-    ("Rude staff and cold food.", "negative"), ("房间又脏又吵", "negative"), ("完全是浪费钱", "negative"),
-    ("Terrible battery life.", "negative"), ("I want my money back.", "negative"),
+    ("太棒了,非常满意", "positive"),
+    ("服务很好,下次还来", "positive"),
+    ("味道不错,物流也快", "positive"),
+    ("质量很好,推荐购买", "positive"),
+    ("The staff were lovely and helpful.", "positive"),
+    ("Great value, I would buy it again.", "positive"),
+    ("An excellent, moving film.", "positive"),
+    ("Fast delivery and it works perfectly.", "positive"),
+    ("房间干净,位置方便", "positive"),
+    ("非常好用,超出预期", "positive"),
+    ("Best coffee in town!", "positive"),
+    ("I love this phone.", "positive"),
+    ("太差了,再也不买了", "negative"),
+    ("送餐太慢,菜都凉了", "negative"),
+    ("质量很差,用了一天就坏", "negative"),
+    ("客服态度恶劣", "negative"),
+    ("The worst hotel I have ever stayed in.", "negative"),
+    ("It broke after two days.", "negative"),
+    ("A dull, boring film.", "negative"),
+    ("Rude staff and cold food.", "negative"),
+    ("房间又脏又吵", "negative"),
+    ("完全是浪费钱", "negative"),
+    ("Terrible battery life.", "negative"),
+    ("I want my money back.", "negative"),
 ]
 
 
@@ -223,7 +305,7 @@ def test_train_head_learns_from_a_small_file_and_changes_predictions(cli_env, tm
     # Labels inverted on purpose: a head that learns must then disagree with the prompt alone.
     flipped = {"positive": "negative", "negative": "positive"}
     data = tmp_path / "mine.jsonl"
-    write_jsonl(data, [{"text": t, "label": flipped[l]} for t, l in TRAIN_TEXTS])
+    write_jsonl(data, [{"text": t, "label": flipped[label]} for t, label in TRAIN_TEXTS])
     probe = ["今天的实验终于成功了,太棒了!", "The service was slow and the food was cold."]
     code, out, err = run(["analyze", "--json", *probe], env)
     before = [json.loads(line)["label"] for line in out.splitlines()]
@@ -248,7 +330,7 @@ def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_en
     env = home_with_models(tmp_path, cli_env)
     flipped = {"positive": "negative", "negative": "positive"}
     data = tmp_path / "mine.jsonl"
-    write_jsonl(data, [{"text": t, "label": flipped[l]} for t, l in TRAIN_TEXTS])
+    write_jsonl(data, [{"text": t, "label": flipped[label]} for t, label in TRAIN_TEXTS])
     chat_input = "今天的实验终于成功了,太棒了!\nThe service was slow and the food was cold.\n"
 
     def detected(*flags):
@@ -266,5 +348,3 @@ def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_en
     assert detected("--shared-prefill", "false") == ["正面", "负面"]  # the analyst's head, on its own pass
     code, _, err = run(["train-head", str(data), "--role", "chat", "--chat-prompt", "original"], env)
     assert code == 2 and "puts the sentiment tag before the message" in err
-
-

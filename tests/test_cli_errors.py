@@ -35,13 +35,16 @@ def cli(tmp_path, monkeypatch, capsys):
     return run
 
 
-@pytest.mark.parametrize("args,stdin,message", [
-    (["analyze", ""], None, "empty"),
-    (["analyze", "   "], None, "empty"),
-    (["analyze"], b"", "no text"),
-    (["analyze"], b"ok line\n\xff\xfe broken\n", "line 2: not valid UTF-8"),
-    (["analyze", "x" * 20001], None, "limit"),
-])
+@pytest.mark.parametrize(
+    "args,stdin,message",
+    [
+        (["analyze", ""], None, "empty"),
+        (["analyze", "   "], None, "empty"),
+        (["analyze"], b"", "no text"),
+        (["analyze"], b"ok line\n\xff\xfe broken\n", "line 2: not valid UTF-8"),
+        (["analyze", "x" * 20001], None, "limit"),
+    ],
+)
 def test_bad_analyze_input_exits_2_with_a_clear_message(cli, args, stdin, message):
     code, out, err = cli(args, stdin=stdin)
     assert code == 2
@@ -62,14 +65,17 @@ def test_batch_refuses_output_of_another_input(cli, tmp_path):
     assert code == 2 and "does not match" in err
 
 
-@pytest.mark.parametrize("content,message", [
-    (b'{"text": "ok", "label": "positive"}\n{"text": "broken\n', "line 2: invalid JSON"),
-    (b'{"text": "ok", "label": "positive"}\n{"text": "\xff\xfe"}\n', "line 2: not valid UTF-8"),
-    (b'{"text": "ok", "label": "positive"}\n[1, 2]\n', "line 2: expected a JSON object"),
-    (b'{"text": "", "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
-    (b'{"text": 5, "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
-    (b'{"text": "ok", "label": "neutral"}\n', "line 1: 'label' must be one of"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b'{"text": "ok", "label": "positive"}\n{"text": "broken\n', "line 2: invalid JSON"),
+        (b'{"text": "ok", "label": "positive"}\n{"text": "\xff\xfe"}\n', "line 2: not valid UTF-8"),
+        (b'{"text": "ok", "label": "positive"}\n[1, 2]\n', "line 2: expected a JSON object"),
+        (b'{"text": "", "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
+        (b'{"text": 5, "label": "positive"}\n', "line 1: needs a non-empty string field 'text'"),
+        (b'{"text": "ok", "label": "neutral"}\n', "line 1: 'label' must be one of"),
+    ],
+)
 def test_bad_eval_files_name_the_line(cli, tmp_path, content, message):
     data = tmp_path / "data.jsonl"
     data.write_bytes(content)
@@ -93,11 +99,14 @@ def test_eval_chat_rejects_malformed_messages(cli, tmp_path):
     assert code == 2 and "lang zh|en" in err
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"text": "good", "label": "positive"}] * 3 + [{"text": "bad", "label": "negative"}] * 3, "too few"),
-    ([{"text": f"good {i}", "label": "positive"} for i in range(30)], "only 0 'negative'"),
-    ([{"text": "good", "label": "positive"}, {"text": "bad", "label": "maybe"}], "line 2: 'label' must be one of"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"text": "good", "label": "positive"}] * 3 + [{"text": "bad", "label": "negative"}] * 3, "too few"),
+        ([{"text": f"good {i}", "label": "positive"} for i in range(30)], "only 0 'negative'"),
+        ([{"text": "good", "label": "positive"}, {"text": "bad", "label": "maybe"}], "line 2: 'label' must be one of"),
+    ],
+)
 def test_train_head_refuses_unusable_data(cli, tmp_path, rows, message):
     data = tmp_path / "bad.jsonl"
     write_jsonl(data, rows)

@@ -43,6 +43,7 @@ def im_token(engine, marker: str) -> int:
 
 # ---- vocabulary ---------------------------------------------------------------------------------
 
+
 def test_special_markers_in_text_never_become_special_tokens(engine):
     im_end, im_start = im_token(engine, "<|im_end|>"), im_token(engine, "<|im_start|>")
     assert im_end in engine.eog_tokens
@@ -57,7 +58,9 @@ def test_special_markers_in_text_never_become_special_tokens(engine):
     assert forged.count(im_end) == harmless.count(im_end) >= 1
 
 
-@pytest.mark.parametrize("text", ["今天的实验终于成功了,太棒了!", "Ça coûte 5 € 🙂 — ok?", "  two  spaces\tand\nlines  "])
+@pytest.mark.parametrize(
+    "text", ["今天的实验终于成功了,太棒了!", "Ça coûte 5 € 🙂 — ok?", "  two  spaces\tand\nlines  "]
+)
 def test_token_bytes_round_trip_and_split_characters_stream_whole(engine, text):
     ids = engine.tokenize(text)
     assert engine.detokenize(ids) == text
@@ -78,14 +81,16 @@ def test_cached_scores_equal_full_recompute(engine):
         cached.append(analyst.label_logprobs(text)[0])
         if i:
             assert engine.last_stats.reused >= len(analyst.prefix_tokens)
-    for text, with_cache in zip(TEXTS, cached):
+    for text, with_cache in zip(TEXTS, cached, strict=True):
         engine.forget()
         fresh = analyst.label_logprobs(text)[0]
         assert engine.last_stats.reused == 0
         np.testing.assert_allclose(with_cache, fresh, atol=1e-3)
 
 
-@pytest.mark.parametrize("text", ["房间干净,早餐也不错,下次还会再来。", "The battery died after two days, what a waste."])
+@pytest.mark.parametrize(
+    "text", ["房间干净,早餐也不错,下次还会再来。", "The battery died after two days, what a waste."]
+)
 def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
     analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
     tokens, _ = analyst.prompt_tokens(text)
@@ -94,8 +99,12 @@ def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
     for cached in range(1, 14):
         engine.forget()
         engine.score(tokens[:-cached], analyst.candidates)
-        np.testing.assert_allclose(engine.score(tokens, analyst.candidates), full, atol=1e-3,
-                                   err_msg=f"{cached} tokens after the cached prefix")
+        np.testing.assert_allclose(
+            engine.score(tokens, analyst.candidates),
+            full,
+            atol=1e-3,
+            err_msg=f"{cached} tokens after the cached prefix",
+        )
 
 
 @pytest.mark.parametrize("donor, borrower", [(0, 1), (2, 3)])
@@ -164,12 +173,18 @@ def test_stop_string_ends_the_stream_before_it(engine):
     ids, _ = greedy(engine, STREAM_PROMPT, 24)
     text = engine.detokenize(ids)
     # a stop string from the middle of the greedy reply, at its first occurrence
-    cut = next(k for k in range(2, len(text) - 2)
-               if text.find(text[k:k + 2]) == k and "\ufffd" not in text[:k + 2] and text[k:k + 2].strip())
-    stop = text[cut:cut + 2]
+    cut = next(
+        k
+        for k in range(2, len(text) - 2)
+        if text.find(text[k : k + 2]) == k and "\ufffd" not in text[: k + 2] and text[k : k + 2].strip()
+    )
+    stop = text[cut : cut + 2]
     engine.forget()
-    stream = TextStream(engine.token_bytes, engine.generate(chat_tokens(engine, STREAM_PROMPT),
-                                                            Sampling(max_tokens=24), lane=1), stop=[stop])
+    stream = TextStream(
+        engine.token_bytes,
+        engine.generate(chat_tokens(engine, STREAM_PROMPT), Sampling(max_tokens=24), lane=1),
+        stop=[stop],
+    )
     assert "".join(stream) == text[:cut]
     assert stream.finish_reason == "stop"
     assert len(stream.tokens) <= len(ids)
@@ -182,8 +197,9 @@ def test_should_stop_cancels_generation(engine):
         calls["n"] += 1
         return calls["n"] > 2
 
-    generation = engine.generate(chat_tokens(engine, STREAM_PROMPT), Sampling(max_tokens=24), lane=1,
-                                 should_stop=should_stop)
+    generation = engine.generate(
+        chat_tokens(engine, STREAM_PROMPT), Sampling(max_tokens=24), lane=1, should_stop=should_stop
+    )
     assert len(list(generation)) == 2
     assert generation.finish_reason == "cancelled"
 

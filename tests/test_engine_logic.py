@@ -170,7 +170,7 @@ def test_generation_never_emits_a_suppressed_token():
 
 
 def _runs(tokens, n):
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def test_no_repeat_ngram_keeps_every_run_unique():

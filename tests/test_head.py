@@ -9,8 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from allinone.roles.head import (HeadError, SentimentHead, check_training_labels, default_layers, fit_logistic,
-                                 normalise, train_head)
+from allinone.roles.head import (
+    HeadError,
+    SentimentHead,
+    check_training_labels,
+    default_layers,
+    fit_logistic,
+    normalise,
+    train_head,
+)
 from allinone.roles.prompts import sentiment_prompt
 from allinone.roles.sentiment import SentimentAnalyst
 from tests.fake_engine import FakeEngine
@@ -105,7 +112,7 @@ def test_training_learns_what_the_prompt_does_not_know(analyst):
     fresh_texts, fresh_labels = texts_and_labels(analyst, n=60, seed=1)
     with_head = [analyst.analyze(t).label for t in fresh_texts]
     without = [analyst.analyze(t, use_head=False).label for t in fresh_texts]
-    assert np.mean([p == g for p, g in zip(with_head, fresh_labels)]) >= 0.85
+    assert np.mean([p == g for p, g in zip(with_head, fresh_labels, strict=True)]) >= 0.85
     assert with_head != without
 
 
@@ -147,11 +154,14 @@ def test_a_broken_head_file_is_a_clear_error(tmp_path):
         head.check_fits(n_layers=24, n_embd=16)
 
 
-@pytest.mark.parametrize("labels, message", [
-    (["positive", "negative"] * 5, "too few"),
-    (["positive"] * 30, "only 0 'negative'"),
-    (["positive"] * 27 + ["negative"] * 3, "only 3 'negative'"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (["positive", "negative"] * 5, "too few"),
+        (["positive"] * 30, "only 0 'negative'"),
+        (["positive"] * 27 + ["negative"] * 3, "only 3 'negative'"),
+    ],
+)
 def test_unusable_training_labels_are_refused(labels, message):
     with pytest.raises(HeadError, match=message):
         check_training_labels(labels)
@@ -160,8 +170,9 @@ def test_unusable_training_labels_are_refused(labels, message):
 def test_a_head_with_an_adapter_round_trips_and_a_missing_adapter_is_a_clear_error(tmp_path):
     adapter = tmp_path / "trained.gguf"
     adapter.write_bytes(b"GGUF adapter bytes")
-    head = SentimentHead(model_sha256="f00d", prompt="fewshot", layers=2, weights=np.ones(16), bias=0.5,
-                         adapter=adapter)
+    head = SentimentHead(
+        model_sha256="f00d", prompt="fewshot", layers=2, weights=np.ones(16), bias=0.5, adapter=adapter
+    )
     store = tmp_path / "heads"
     path = head.save(store)
     again = SentimentHead.find("f00d", "fewshot", store)
@@ -211,8 +222,9 @@ def test_the_heads_adapter_runs_for_the_heads_passes_only(tmp_path):
     engine = AdapterEngine()
     analyst = SentimentAnalyst(engine, sentiment_prompt("original"))
     adapter = tmp_path / "a.gguf"
-    head = SentimentHead(model_sha256="f00d", prompt="original", layers=2, weights=np.ones(16), bias=0.0,
-                         adapter=adapter)
+    head = SentimentHead(
+        model_sha256="f00d", prompt="original", layers=2, weights=np.ones(16), bias=0.0, adapter=adapter
+    )
     analyst.use_head(head)
     assert engine.lane_adapter == {0: adapter}
     analyst.analyze("good")

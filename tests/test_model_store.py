@@ -11,8 +11,14 @@ from allinone.model.store import ModelError, PartedModel, default_model_path, in
 
 def make_parts(tmp_path, pieces: list[bytes], corrupt: int | None = None) -> tuple[PartedModel, object]:
     whole = b"".join(pieces)
-    spec = PartedModel(name="tiny", filename="tiny.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
-                       packages=tuple(f"tiny-part{i}" for i in range(1, len(pieces) + 1)), version="1.0")
+    spec = PartedModel(
+        name="tiny",
+        filename="tiny.gguf",
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
+        packages=tuple(f"tiny-part{i}" for i in range(1, len(pieces) + 1)),
+        version="1.0",
+    )
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     for i, piece in enumerate(pieces):
@@ -69,6 +75,7 @@ def test_gguf_reader_on_default_model(default_model_path):
 
 # ---- the derived fast form (llama.cpp's quantizer replaced by a stand-in that writes known bytes) ----
 
+
 def derived_setup(tmp_path, monkeypatch, produced: bytes):
     from allinone.engine import llamacpp
     from allinone.model.store import DerivedModel
@@ -77,8 +84,15 @@ def derived_setup(tmp_path, monkeypatch, produced: bytes):
     home = tmp_path / "home"
     install_default_model(home, wheel_dir=wheels, spec=spec, progress=lambda m: None)
     expected = b"GGUF-derived" * 10
-    derived = DerivedModel(name="tiny fast", filename="tiny-fast.gguf", source=spec, ftype="IQ4_NL",
-                           keep_type="Q8_0", size=len(expected), sha256=hashlib.sha256(expected).hexdigest())
+    derived = DerivedModel(
+        name="tiny fast",
+        filename="tiny-fast.gguf",
+        source=spec,
+        ftype="IQ4_NL",
+        keep_type="Q8_0",
+        size=len(expected),
+        sha256=hashlib.sha256(expected).hexdigest(),
+    )
     calls = []
 
     def fake_quantize(source, target, ftype, *, keep_type, threads, progress):

@@ -11,8 +11,16 @@ import pytest
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("ALLINONE_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,8 @@ def test_page_shows_sentiment_then_streamed_reply_and_keeps_the_session(server, 
         sentiment = page.locator(".turn .sentiment").first
         page.wait_for_function(
             "() => /LLM 情感判断: (正面|负面)/.test(document.querySelector('.turn .sentiment').textContent)",
-            timeout=120_000)
+            timeout=120_000,
+        )
         assert sentiment.inner_text().startswith(("😄 LLM 情感判断: 正面", "😞 LLM 情感判断: 负面"))
         assert "%" in sentiment.inner_text()  # the probability is shown with the label
         page.wait_for_selector(".turn.done", timeout=120_000)
@@ -79,13 +88,17 @@ def test_page_says_when_the_server_is_down(browser, server):
         assert "Cannot reach the server" in page.locator("#status").inner_text()
 
         page.unroute("**/v1/respond")
-        page.route("**/v1/respond", lambda route: route.fulfill(
-            status=503, headers={"Retry-After": "3", "Content-Type": "application/json"},
-            body='{"error": {"message": "the server is busy", "type": "server_busy"}}'))
+        page.route(
+            "**/v1/respond",
+            lambda route: route.fulfill(
+                status=503,
+                headers={"Retry-After": "3", "Content-Type": "application/json"},
+                body='{"error": {"message": "the server is busy", "type": "server_busy"}}',
+            ),
+        )
         page.fill("#input", "你好")
         page.click("#send")
-        page.wait_for_function("() => document.querySelector('#status').textContent.includes('busy')",
-                               timeout=30_000)
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes('busy')", timeout=30_000)
         assert "try again in 3 s" in page.locator("#status").inner_text()
     finally:
         page.close()

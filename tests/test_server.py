@@ -50,18 +50,26 @@ def metric(server, name: str, **labels) -> float:
 
 # ---- health, models, metrics ---------------------------------------------------------------------
 
+
 def test_health_models_and_metrics(server):
     health = httpx.get(server.url + "/healthz", timeout=10)
     assert health.status_code == 200
     assert health.json()["status"] == "ok" and health.json()["worker_alive"] is True
     models = httpx.get(server.url + "/v1/models", timeout=10).json()
     assert models["object"] == "list" and models["data"][0]["id"]
-    cors = httpx.options(server.url + "/v1/sentiment", timeout=10, headers={
-        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    cors = httpx.options(
+        server.url + "/v1/sentiment",
+        timeout=10,
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert "access-control-allow-origin" not in cors.headers  # CORS is off by default
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    for name in ("allinone_requests_total", "allinone_request_duration_seconds_bucket", "allinone_queue_depth",
-                 "allinone_generated_tokens_total"):
+    for name in (
+        "allinone_requests_total",
+        "allinone_request_duration_seconds_bucket",
+        "allinone_queue_depth",
+        "allinone_generated_tokens_total",
+    ):
         assert name in text
 
 
@@ -78,14 +86,18 @@ def test_sentiment_single_and_batch(server):
 
 # ---- the OpenAI client ---------------------------------------------------------------------------
 
+
 def test_openai_client_non_streaming(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
     model = client.models.list().data[0].id
     completion = client.chat.completions.create(
-        model=model, messages=[{"role": "system", "content": "You are terse."},
-                               {"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
+        model=model,
+        messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+    )
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content.strip()
     assert completion.choices[0].finish_reason in ("stop", "length")
@@ -98,8 +110,12 @@ def test_openai_client_streaming(server):
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
     stream = client.chat.completions.create(
-        model="anything", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True,
-        stream_options={"include_usage": True})
+        model="anything",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage is not None:
@@ -116,9 +132,14 @@ def test_openai_client_streaming(server):
 
 # ---- respond -------------------------------------------------------------------------------------
 
+
 def test_respond_stream_sentiment_before_first_delta(server):
-    with httpx.stream("POST", server.url + "/v1/respond", json={"message": "我今天考试没考好，很难过。", "stream": True,
-                                                              "max_tokens": 12}, timeout=120) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/respond",
+        json={"message": "我今天考试没考好，很难过。", "stream": True, "max_tokens": 12},
+        timeout=120,
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r))
@@ -151,6 +172,7 @@ def test_respond_json_keeps_session_and_delete(server):
 
 # ---- load, disconnects ---------------------------------------------------------------------------
 
+
 def test_twenty_concurrent_clients_get_200_or_503(server):
     statuses, errors = [], []
     barrier = threading.Barrier(20)
@@ -161,8 +183,11 @@ def test_twenty_concurrent_clients_get_200_or_503(server):
             if i % 2:
                 r = post(server, "/v1/sentiment", {"text": f"第{i}条：服务很好，我很满意。"})
             else:
-                r = post(server, "/v1/chat/completions",
-                         {"messages": [{"role": "user", "content": f"Say the number {i}."}], "max_tokens": 4})
+                r = post(
+                    server,
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": f"Say the number {i}."}], "max_tokens": 4},
+                )
             statuses.append(r.status_code)
             if r.status_code == 503:
                 assert r.headers.get("Retry-After", "").isdigit()
@@ -187,13 +212,16 @@ def test_twenty_concurrent_clients_get_200_or_503(server):
 def test_disconnect_mid_stream_frees_the_model(server):
     cancelled_before = metric(server, "allinone_cancelled_total")
     tokens_before = metric(server, "allinone_tokens_total", endpoint="chat_completions", kind="completion")
-    body = {"messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
-            "max_tokens": 500, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+        "max_tokens": 500,
+        "stream": True,
+    }
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             seen = 0
-            for event, data in sse_events(r):
+            for _event, data in sse_events(r):
                 if data != "[DONE]" and data["choices"] and data["choices"][0]["delta"].get("content"):
                     seen += 1
                     if seen >= 3:
@@ -211,6 +239,7 @@ def test_disconnect_mid_stream_frees_the_model(server):
 
 # ---- bad inputs (the whole table runs in-process on the fake engine: tests/test_server_inprocess.py) ----
 
+
 def test_bad_inputs_leave_the_server_healthy(server):
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
     assert metric(server, "allinone_requests_total", route="/v1/sentiment", method="POST", status="500") == 0
@@ -218,11 +247,17 @@ def test_bad_inputs_leave_the_server_healthy(server):
 
 # ---- security, restarts --------------------------------------------------------------------------
 
+
 def test_refuses_to_bind_beyond_loopback_without_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ALLINONE_API_KEY"}
     env["ALLINONE_SESSION_DB"] = str(tmp_path / "s.sqlite3")
-    done = subprocess.run([sys.executable, "-m", "allinone", "serve", "--host", "0.0.0.0", "--port", "0"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "allinone", "serve", "--host", "0.0.0.0", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "requires an API key" in done.stderr
 
@@ -235,14 +270,19 @@ def test_kill_9_and_restart_keep_the_session_and_api_key(tmp_path, default_model
     try:
         denied = httpx.post(first.url + "/v1/respond", json={"message": "hi"}, timeout=30)
         assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
-        wrong = httpx.post(first.url + "/v1/respond", json={"message": "hi"}, timeout=30,
-                           headers={"Authorization": "Bearer nope"})
+        wrong = httpx.post(
+            first.url + "/v1/respond", json={"message": "hi"}, timeout=30, headers={"Authorization": "Bearer nope"}
+        )
         assert wrong.status_code == 401
         assert httpx.get(first.url + "/healthz", timeout=10).status_code == 200  # probes need no key
         replies = []
         for message in ("我今天升职了！", "但是工作好多，有点累。"):
-            r = httpx.post(first.url + "/v1/respond", json={"message": message, "session_id": "persist-me"},
-                           headers=key, timeout=120)
+            r = httpx.post(
+                first.url + "/v1/respond",
+                json={"message": message, "session_id": "persist-me"},
+                headers=key,
+                timeout=120,
+            )
             assert r.status_code == 200, r.text
             replies.append(r.json()["reply"])
         first.kill9()
@@ -255,8 +295,9 @@ def test_kill_9_and_restart_keep_the_session_and_api_key(tmp_path, default_model
         turns = stored.json()["turns"]
         assert [t["message"] for t in turns] == ["我今天升职了！", "但是工作好多，有点累。"]
         assert [t["reply"] for t in turns] == replies
-        more = httpx.post(second.url + "/v1/respond", json={"message": "谢谢", "session_id": "persist-me"},
-                          headers=key, timeout=120)
+        more = httpx.post(
+            second.url + "/v1/respond", json={"message": "谢谢", "session_id": "persist-me"}, headers=key, timeout=120
+        )
         assert more.status_code == 200 and more.json()["turns"] == 3
     finally:
         second.stop()

@@ -143,16 +143,18 @@ def test_message_too_long_for_context_is_an_input_error():
 
 def test_complete_streams_a_plain_chat_completion():
     assistant = make_assistant()
-    stream, n_prompt = assistant.complete([{"role": "system", "content": "be brief"},
-                                           {"role": "user", "content": "hi"}])
+    stream, n_prompt = assistant.complete(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
     assert "".join(stream) == "谢谢你的分享!" and n_prompt > 0
     assert stream.finish_reason == "stop"
     stream, _ = assistant.complete([{"role": "user", "content": "hi"}], stop=["分享"])
     assert "".join(stream) == "谢谢你的"
 
 
-@pytest.mark.parametrize("messages", [[], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
-                                      ["not a dict"]])
+@pytest.mark.parametrize(
+    "messages", [[], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}], ["not a dict"]]
+)
 def test_complete_rejects_malformed_messages(messages):
     with pytest.raises(InputError):
         make_assistant().complete(messages)
@@ -170,13 +172,15 @@ def test_a_reply_to_an_english_message_cannot_use_east_asian_characters():
 
 # ---- one prefill for both roles ------------------------------------------------------------------
 
+
 def with_chat_head(assistant, layers=2):
     """Attach a chat head (random weights) to a fake-engine assistant, as attach_head would."""
     from allinone.roles.head import SentimentHead
 
     weights = np.random.default_rng(5).normal(size=assistant.engine.hidden_size)
-    assistant.chat_head = SentimentHead(model_sha256="fake", prompt=assistant.chat.prompt.head_key(), layers=layers,
-                                        weights=weights, bias=0.0)
+    assistant.chat_head = SentimentHead(
+        model_sha256="fake", prompt=assistant.chat.prompt.head_key(), layers=layers, weights=weights, bias=0.0
+    )
     return assistant
 
 
@@ -238,8 +242,13 @@ def test_chat_head_needs_the_tag_after_the_message(tmp_path):
         assistant = make_assistant(chat_prompt=chat_prompt)
         assistant.settings = assistant.settings.model_copy(update={"home": tmp_path})
         assistant.model_sha256 = lambda: "f00d"
-        SentimentHead(model_sha256="f00d", prompt=assistant.chat.prompt.head_key(), layers=2,
-                      weights=np.zeros(assistant.engine.hidden_size), bias=0.0).save(tmp_path / "heads")
+        SentimentHead(
+            model_sha256="f00d",
+            prompt=assistant.chat.prompt.head_key(),
+            layers=2,
+            weights=np.zeros(assistant.engine.hidden_size),
+            bias=0.0,
+        ).save(tmp_path / "heads")
         assistant.attach_head()
         assert (assistant.chat_head is not None) == expect_head
         off = make_assistant(chat_prompt=chat_prompt, shared_prefill=False)
@@ -251,6 +260,7 @@ def test_chat_head_needs_the_tag_after_the_message(tmp_path):
 
 # ---- the chat role's own weights and guards ------------------------------------------------------
 
+
 def test_a_chat_head_is_used_only_with_the_weights_it_read(tmp_path):
     """A head trained on the chat lane with an adapter is keyed by that adapter: it is found when
     the lane runs that adapter, never for the model's own weights (and the other way round)."""
@@ -261,8 +271,13 @@ def test_a_chat_head_is_used_only_with_the_weights_it_read(tmp_path):
     assistant.settings = assistant.settings.model_copy(update={"home": tmp_path})
     assistant.model_sha256 = lambda: "f00d"
     adapter = ChatAdapter(model_sha256="f00d", prompt="chat-warm", path=tmp_path / "a.gguf", sha256="5a" * 32)
-    SentimentHead(model_sha256="f00d", prompt=assistant.chat.prompt.head_key(adapter.sha256), layers=2,
-                  weights=np.zeros(assistant.engine.hidden_size), bias=0.0).save(tmp_path / "heads")
+    SentimentHead(
+        model_sha256="f00d",
+        prompt=assistant.chat.prompt.head_key(adapter.sha256),
+        layers=2,
+        weights=np.zeros(assistant.engine.hidden_size),
+        bias=0.0,
+    ).save(tmp_path / "heads")
     assistant.attach_head()
     assert assistant.chat_head is None  # the lane runs the model's own weights
     assistant.chat.adapter = adapter  # as use_adapter leaves it (the fake engine takes no adapter)
@@ -272,15 +287,19 @@ def test_a_chat_head_is_used_only_with_the_weights_it_read(tmp_path):
 
 def test_the_reply_may_not_hand_the_message_back():
     message = "我今天终于拿到驾照了"
-    copier = Assistant(engine=FakeEngine(reply=message + ",太开心了!", n_ctx=2048),
-                       settings=Settings(home="/nonexistent", sentiment_prompt="original"))
+    copier = Assistant(
+        engine=FakeEngine(reply=message + ",太开心了!", n_ctx=2048),
+        settings=Settings(home="/nonexistent", sentiment_prompt="original"),
+    )
     assert message in copier.respond(Conversation(), message).text()
-    guarded = Assistant(engine=FakeEngine(reply=message + ",太开心了!", n_ctx=2048),
-                        settings=Settings(home="/nonexistent", sentiment_prompt="original", reply_max_copy=4))
+    guarded = Assistant(
+        engine=FakeEngine(reply=message + ",太开心了!", n_ctx=2048),
+        settings=Settings(home="/nonexistent", sentiment_prompt="original", reply_max_copy=4),
+    )
     reply = guarded.respond(Conversation(), message)
     text = reply.text()
     source = guarded.engine.tokenize(message)
     tokens = guarded.engine.tokenize(text)
-    runs = {tuple(source[i:i + 5]) for i in range(len(source) - 4)}
-    assert not any(tuple(tokens[i:i + 5]) in runs for i in range(len(tokens) - 4))
+    runs = {tuple(source[i : i + 5]) for i in range(len(source) - 4)}
+    assert not any(tuple(tokens[i : i + 5]) in runs for i in range(len(tokens) - 4))
     assert guarded.default_sampling().max_copy == 4

@@ -25,9 +25,13 @@ def hf_greedy(engine, tokens, max_new_tokens=10):
     """The original recipe's call: transformers generate, greedy, 10 new tokens."""
     import torch
 
-    out = engine.hf_model.generate(torch.tensor([tokens]), attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
-                                   max_new_tokens=max_new_tokens, do_sample=False)
-    return [t for t in out[0, len(tokens):].tolist() if t not in engine.eog_tokens]
+    out = engine.hf_model.generate(
+        torch.tensor([tokens]),
+        attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return [t for t in out[0, len(tokens) :].tolist() if t not in engine.eog_tokens]
 
 
 @pytest.mark.parametrize("text", RECIPE_TEXTS)
@@ -106,7 +110,9 @@ def test_loading_never_reaches_the_hub(tiny_engine, tmp_path):
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(EngineError):
-        TransformersEngine(tmp_path / "Qwen" / "Qwen2.5-0.5B-Instruct", context_size=512, batch_size=64)  # looks like a hub id: not fetched
+        TransformersEngine(
+            tmp_path / "Qwen" / "Qwen2.5-0.5B-Instruct", context_size=512, batch_size=64
+        )  # looks like a hub id: not fetched
 
 
 def test_engine_choice(tiny_model_dir, tmp_path, default_model_path):
@@ -126,11 +132,31 @@ def test_cli_on_a_hugging_face_directory(tiny_model_dir, tmp_path, capsys):
     assert info["engine"] == "transformers" and info["format"] == "huggingface"
     assert info["architecture"] == "Qwen2ForCausalLM" and info["context_length"] == 1024
     data = tmp_path / "dev.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n"
-                            for t, l in [("好极了", "positive"), ("太差了", "negative")]), encoding="utf-8")
+    data.write_text(
+        "".join(
+            json.dumps({"text": t, "label": label}, ensure_ascii=False) + "\n"
+            for t, label in [("好极了", "positive"), ("太差了", "negative")]
+        ),
+        encoding="utf-8",
+    )
     for method in ("score", "seed"):
-        assert main(["eval", str(data), "--model", str(tiny_model_dir), "--json", "--quiet",
-                     "--method", method, "--context-size", "1024"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(data),
+                    "--model",
+                    str(tiny_model_dir),
+                    "--json",
+                    "--quiet",
+                    "--method",
+                    method,
+                    "--context-size",
+                    "1024",
+                ]
+            )
+            == 0
+        )
         report = json.loads(capsys.readouterr().out)
         assert report["engine"].startswith("transformers") and report["n"] == 2
 

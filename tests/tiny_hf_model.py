@@ -40,26 +40,40 @@ def build_tiny_model(directory: Path, *, seed: int = 5) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_CORPUS * 20, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(directory)
 
     im_end, endoftext = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
-    config = Qwen2Config(vocab_size=tok.get_vocab_size() + 12,  # padded rows, as Qwen's checkpoints have
-                         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-                         initializer_range=0.3, bos_token_id=endoftext, eos_token_id=im_end,
-                         pad_token_id=endoftext)
+    config = Qwen2Config(
+        vocab_size=tok.get_vocab_size() + 12,  # padded rows, as Qwen's checkpoints have
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
         # A random model almost never ends its turn; a longer <|im_end|> row (tied: input and output)
         # makes it end after a few to a few dozen tokens, so "stop" finishes get exercised too.
         model.get_input_embeddings().weight[im_end] *= 1.5
-    model.generation_config = GenerationConfig(eos_token_id=[im_end, endoftext], pad_token_id=endoftext,
-                                               bos_token_id=endoftext)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[im_end, endoftext], pad_token_id=endoftext, bos_token_id=endoftext
+    )
     model.save_pretrained(directory)
     return directory

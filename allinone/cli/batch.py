@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..evaluation.data import DataError, read_jsonl
 from ..roles.sentiment import InputError
@@ -34,16 +34,22 @@ def completed_lines(out_path: Path, items: list[dict]) -> int:
             f.truncate(end)
     lines = [line for line in data[:end].split(b"\n") if line.strip()]
     if len(lines) > len(items):
-        raise DataError(f"{out_path} has {len(lines)} lines but the input only {len(items)}; "
-                        "it belongs to another input (delete it or choose another -o)")
+        raise DataError(
+            f"{out_path} has {len(lines)} lines but the input only {len(items)}; "
+            "it belongs to another input (delete it or choose another -o)"
+        )
     for number, raw in enumerate(lines, start=1):
         try:
             done = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{out_path} line {number}: not a line this command wrote; delete the file to start over") from None
+            raise DataError(
+                f"{out_path} line {number}: not a line this command wrote; delete the file to start over"
+            ) from None
         if not isinstance(done, dict) or not _same_item(done, items[number - 1]):
-            raise DataError(f"{out_path} line {number} does not match input line {number}; "
-                            "it belongs to another input (delete it or choose another -o)")
+            raise DataError(
+                f"{out_path} line {number} does not match input line {number}; "
+                "it belongs to another input (delete it or choose another -o)"
+            )
     return len(lines)
 
 
@@ -52,8 +58,7 @@ def read_batch_input(in_path: Path) -> list[dict]:
     return [obj for _, obj in read_jsonl(in_path)]
 
 
-def run_batch(analyze: Callable[[str], "object"], items: list[dict], out_path: Path, *,
-              progress_factory=None) -> dict:
+def run_batch(analyze: Callable[[str], object], items: list[dict], out_path: Path, *, progress_factory=None) -> dict:
     skip = completed_lines(out_path, items)
     todo = items[skip:]
     bar = progress_factory(total=len(items), initial=skip) if progress_factory else None

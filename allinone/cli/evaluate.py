@@ -25,8 +25,10 @@ def cmd_eval(args, settings: Settings) -> int:
         raise CliError(f"{args.data} has no labelled texts")
     assistant = load_assistant(settings)
     if args.method == "chat" and assistant.chat_head is None:
-        raise CliError(f"no chat head for this model, the {settings.chat_prompt!r} chat prompt and the chat lane's "
-                       "weights: the respond flow asks the analyst (train one with `train-head --role chat`)")
+        raise CliError(
+            f"no chat head for this model, the {settings.chat_prompt!r} chat prompt and the chat lane's "
+            "weights: the respond flow asks the analyst (train one with `train-head --role chat`)"
+        )
     predictions, latencies, probabilities = [], [], []
     started = time.perf_counter()
     with progress_bar(total=len(items), desc=f"eval ({args.method})", disable=args.quiet) as bar:
@@ -38,20 +40,29 @@ def cmd_eval(args, settings: Settings) -> int:
             bar.update(1)
     report = summarize(items, predictions, latencies)
     if None not in probabilities:
-        correct = [p == item["label"] for p, item in zip(predictions, items)]
+        correct = [p == item["label"] for p, item in zip(predictions, items, strict=True)]
         report["calibration"] = calibration(probabilities, correct)
         if args.plot:
-            draw_reliability(report["calibration"], args.plot,
-                             title=f"{Path(args.data).name}: {args.method}, {assistant.model_path.name}")
+            draw_reliability(
+                report["calibration"],
+                args.plot,
+                title=f"{Path(args.data).name}: {args.method}, {assistant.model_path.name}",
+            )
     elif args.plot:
         warn("the seed method gives no probabilities: no reliability diagram")
     head = {"score": assistant.head, "chat": assistant.chat_head}.get(args.method)
-    report.update({"method": args.method, "sentiment_prompt": settings.sentiment_prompt,
-                   "head": (str(head.info.get("source") or "packaged") if head else None),
-                   "model": str(assistant.model_path), "engine": assistant.engine.description,
-                   "load_seconds": round(assistant.load_seconds, 3),
-                   "wall_seconds": round(time.perf_counter() - started, 3),
-                   "peak_rss_mb": round(peak_rss_mb(), 1)})
+    report.update(
+        {
+            "method": args.method,
+            "sentiment_prompt": settings.sentiment_prompt,
+            "head": (str(head.info.get("source") or "packaged") if head else None),
+            "model": str(assistant.model_path),
+            "engine": assistant.engine.description,
+            "load_seconds": round(assistant.load_seconds, 3),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+    )
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -73,14 +84,17 @@ def cmd_train_head(args, settings: Settings) -> int:
         raise CliError(str(err)) from None
     if not 0.05 <= args.holdout <= 0.5:
         raise CliError("--holdout must be between 0.05 and 0.5")
-    assistant = load_assistant(settings.model_copy(update={"sentiment_head": False}),
-                               chat_lane_reads_hidden_states=args.role == "chat")
+    assistant = load_assistant(
+        settings.model_copy(update={"sentiment_head": False}), chat_lane_reads_hidden_states=args.role == "chat"
+    )
     sha = assistant.model_sha256()
     if sha is None:
         raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
     if args.role == "chat" and not assistant.chat.prompt.sentiment_follows_message:
-        raise CliError(f"the {settings.chat_prompt!r} chat prompt puts the sentiment tag before the message: "
-                       "no head can read the message's sentiment before the tag is chosen")
+        raise CliError(
+            f"the {settings.chat_prompt!r} chat prompt puts the sentiment tag before the message: "
+            "no head can read the message's sentiment before the tag is chosen"
+        )
     point = assistant.analyst.reading_point() if args.role == "sentiment" else assistant.chat.reading_point()
     layers = args.layers
     if layers is None and args.role == "chat":
@@ -89,13 +103,22 @@ def cmd_train_head(args, settings: Settings) -> int:
         layers = assistant.engine.n_layers - 1
     labels = [item["label"] for item in items]
     total = len(items) + (heldout_count(labels, args.holdout) if point.prompt_alone else 0)
-    with progress_bar(total=total, desc=f"train-head {point.key} (hidden states"
-                                        f"{', then held-out prompt scores' if point.prompt_alone else ''})",
-                      disable=args.quiet) as bar:
+    with progress_bar(
+        total=total,
+        desc=f"train-head {point.key} (hidden states{', then held-out prompt scores' if point.prompt_alone else ''})",
+        disable=args.quiet,
+    ) as bar:
         try:
-            head, report = train_head(point, [item["text"] for item in items], labels, model_sha256=sha,
-                                      layers=layers, holdout=args.holdout, progress=bar.update,
-                                      source=Path(args.data).name)
+            head, report = train_head(
+                point,
+                [item["text"] for item in items],
+                labels,
+                model_sha256=sha,
+                layers=layers,
+                holdout=args.holdout,
+                progress=bar.update,
+                source=Path(args.data).name,
+            )
         except HeadError as err:
             raise CliError(str(err)) from None
     path = head.save(Path(args.output_dir) if args.output_dir else assistant.head_directory())
@@ -104,16 +127,22 @@ def cmd_train_head(args, settings: Settings) -> int:
         print(json.dumps(report, ensure_ascii=False))
     else:
         prompt_alone = report["heldout_accuracy_prompt"]
-        print(f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
-              f"{report['heldout_accuracy_head']:.3f}"
-              + (f", prompt alone {prompt_alone:.3f}" if prompt_alone is not None else "")
-              + f" (after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)")
+        print(
+            f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
+            f"{report['heldout_accuracy_head']:.3f}"
+            + (f", prompt alone {prompt_alone:.3f}" if prompt_alone is not None else "")
+            + f" (after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)"
+        )
         if args.role == "chat":
-            print(f"saved {path}; the respond flow reads the sentiment with it from now on, with this model "
-                  f"and the {settings.chat_prompt!r} chat prompt (--shared-prefill false turns it off)")
+            print(
+                f"saved {path}; the respond flow reads the sentiment with it from now on, with this model "
+                f"and the {settings.chat_prompt!r} chat prompt (--shared-prefill false turns it off)"
+            )
         else:
-            print(f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
-                  f"(--sentiment-head false turns it off)")
+            print(
+                f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
+                f"(--sentiment-head false turns it off)"
+            )
     return 0
 
 
@@ -146,15 +175,22 @@ def cmd_eval_chat(args, settings: Settings) -> int:
         return 0
     by_lang = report["pass_rate_by_lang"]
     adapter = f", adapter {report['chat_adapter']}" if report["chat_adapter"] else ", no adapter"
-    print(f"pass rate {report['pass_rate']:.2f} (zh {by_lang['zh']:.2f}, en {by_lang['en']:.2f}) with chat prompt "
-          f"{settings.chat_prompt!r}{adapter}")
+    print(
+        f"pass rate {report['pass_rate']:.2f} (zh {by_lang['zh']:.2f}, en {by_lang['en']:.2f}) with chat prompt "
+        f"{settings.chat_prompt!r}{adapter}"
+    )
     if args.turns:
-        print(f"{report['conversations']} conversations; by turn: "
-              + ", ".join(f"{turn}: {rate:.2f}" for turn, rate in report["pass_rate_by_turn"].items())
-              + f"; whole conversations passing: {report['conversations_passing']:.2f}")
+        print(
+            f"{report['conversations']} conversations; by turn: "
+            + ", ".join(f"{turn}: {rate:.2f}" for turn, rate in report["pass_rate_by_turn"].items())
+            + f"; whole conversations passing: {report['conversations_passing']:.2f}"
+        )
     else:
-        print(f"sentiment right for {report['sentiment_accuracy']:.2f}; from the message, p50: sentiment "
-              f"{report['sentiment_ms']['p50']:.0f} ms, first reply token {report['time_to_first_token_ms']['p50']:.0f} ms")
+        print(
+            f"sentiment right for {report['sentiment_accuracy']:.2f}; from the message, p50: sentiment "
+            f"{report['sentiment_ms']['p50']:.0f} ms, "
+            f"first reply token {report['time_to_first_token_ms']['p50']:.0f} ms"
+        )
     for kind, count in report["failures"].items():
         print(f"  {kind:<18} {count:4d}  ({report['failure_share'][kind]:.1%} of replies)")
     return 0
@@ -164,39 +200,74 @@ def register(command) -> None:
     p = command("eval", cmd_eval, "Accuracy, per language/source, confusion matrix, latency on labelled JSONL.")
     p.add_argument("data", metavar="DATA.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--method", choices=["score", "prompt", "seed", "chat"], default="score",
-                   help="score, prompt, seed: as in analyze; chat: the respond flow's sentiment, read by the chat "
-                        "head on the chat lane's pass over the text as a first message")
+    p.add_argument(
+        "--method",
+        choices=["score", "prompt", "seed", "chat"],
+        default="score",
+        help="score, prompt, seed: as in analyze; chat: the respond flow's sentiment, read by the chat "
+        "head on the chat lane's pass over the text as a first message",
+    )
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
     p.add_argument("--plot", metavar="PNG", help="also draw a reliability diagram (probability vs accuracy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p = command("train-head", cmd_train_head, "Train the learned sentiment head for the current model and "
-                                              "sentiment prompt on labelled JSONL (text, label); used "
-                                              "automatically afterwards.")
+    p = command(
+        "train-head",
+        cmd_train_head,
+        "Train the learned sentiment head for the current model and "
+        "sentiment prompt on labelled JSONL (text, label); used "
+        "automatically afterwards.",
+    )
     p.add_argument("data", metavar="DATA.jsonl")
-    p.add_argument("--holdout", type=float, default=0.2,
-                   help="share kept aside (stratified) to report held-out accuracy before the final fit")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="share kept aside (stratified) to report held-out accuracy before the final fit",
+    )
     p.add_argument("--output-dir", metavar="DIR", help="where to save the head (default: <home>/heads)")
-    p.add_argument("--role", choices=["sentiment", "chat"], default="sentiment",
-                   help="sentiment: the analyst's head (analyze, batch, /v1/sentiment, eval); chat: a head that "
-                        "reads at the end of the user's message inside the chat prompt, so that the respond "
-                        "flow evaluates a message once for both roles (shared prefill)")
-    p.add_argument("--layers", type=int, metavar="K",
-                   help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
-                        "depth, 15 of 24 for the default model, where the analyst's pass stops; lower is faster, "
-                        "higher may be more accurate; for --role chat the last block but one, free there)")
+    p.add_argument(
+        "--role",
+        choices=["sentiment", "chat"],
+        default="sentiment",
+        help="sentiment: the analyst's head (analyze, batch, /v1/sentiment, eval); chat: a head that "
+        "reads at the end of the user's message inside the chat prompt, so that the respond "
+        "flow evaluates a message once for both roles (shared prefill)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        metavar="K",
+        help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
+        "depth, 15 of 24 for the default model, where the analyst's pass stops; lower is faster, "
+        "higher may be more accurate; for --role chat the last block but one, free there)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p = command("eval-chat", cmd_eval_chat, "Reply to each message (a new conversation each) and check the "
-                                            "replies against the chat rubric; pass rate and failures by kind.")
-    p.add_argument("data", metavar="MESSAGES.jsonl", nargs="?",
-                   help="lines with id, lang (zh|en), sentiment, message; with --turns, scripted conversations "
-                        "(default: the packaged ones)")
-    p.add_argument("--turns", action="store_true",
-                   help="scripted conversations, each in one session: lines with id, lang and turns (message, "
-                        "sentiment, expect_any: words a reply that follows the conversation would use)")
+    p = command(
+        "eval-chat",
+        cmd_eval_chat,
+        "Reply to each message (a new conversation each) and check the "
+        "replies against the chat rubric; pass rate and failures by kind.",
+    )
+    p.add_argument(
+        "data",
+        metavar="MESSAGES.jsonl",
+        nargs="?",
+        help="lines with id, lang (zh|en), sentiment, message; with --turns, scripted conversations "
+        "(default: the packaged ones)",
+    )
+    p.add_argument(
+        "--turns",
+        action="store_true",
+        help="scripted conversations, each in one session: lines with id, lang and turns (message, "
+        "sentiment, expect_any: words a reply that follows the conversation would use)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--out", metavar="REPLIES.jsonl", help="write every reply with its failures, to read them")
-    p.add_argument("--method", choices=["default", "seed"], default="default",
-                   help="seed: the original chat format (and no script guard), for comparison")
+    p.add_argument(
+        "--method",
+        choices=["default", "seed"],
+        default="default",
+        help="seed: the original chat format (and no script guard), for comparison",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")

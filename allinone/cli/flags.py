@@ -26,14 +26,22 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (also read from ALLINONE_<NAME> environment variables)")
     for name, info in Settings.model_fields.items():
         kind, choices = _flag_type(info.annotation)
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", type=kind, choices=choices,
-                           default=None, metavar=None if choices else name.upper(), help=info.description)
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"setting_{name}",
+            type=kind,
+            choices=choices,
+            default=None,
+            metavar=None if choices else name.upper(),
+            help=info.description,
+        )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
+    overrides = {k[len("setting_") :]: v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
     try:
         return Settings(**overrides)
     except ValidationError as err:
-        raise CliError("invalid setting: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        raise CliError(
+            "invalid setting: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        ) from None

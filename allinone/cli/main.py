@@ -14,8 +14,11 @@ GROUPS = (models, use, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="allinone", description="One small Qwen model on a plain CPU: a strict "
-                                     "sentiment analyst and an empathetic chat assistant, by prompt alone.")
+    parser = argparse.ArgumentParser(
+        prog="allinone",
+        description="One small Qwen model on a plain CPU: a strict "
+        "sentiment analyst and an empathetic chat assistant, by prompt alone.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, func, help_text):

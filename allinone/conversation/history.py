@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 
 @dataclass
@@ -22,8 +22,9 @@ class Conversation:
         self.turns.clear()
 
 
-def fit_turns(turns: Sequence[Turn], count_tokens: Callable[[Sequence[Turn]], int], budget: int,
-              *, slack: float = 0.25) -> int:
+def fit_turns(
+    turns: Sequence[Turn], count_tokens: Callable[[Sequence[Turn]], int], budget: int, *, slack: float = 0.25
+) -> int:
     """How many of the oldest turns to drop so that `count_tokens(kept) <= budget`.
 
     When trimming is needed we drop until the history fills at most (1 - slack) of the room left
@@ -34,7 +35,7 @@ def fit_turns(turns: Sequence[Turn], count_tokens: Callable[[Sequence[Turn]], in
     """
     if count_tokens(turns) <= budget:
         return 0
-    fixed = count_tokens(turns[len(turns):])
+    fixed = count_tokens(turns[len(turns) :])
     target = fixed + int((budget - fixed) * (1 - slack))
     for drop in range(1, len(turns) + 1):
         if count_tokens(turns[drop:]) <= target:

@@ -80,15 +80,18 @@ class SessionStore:
                 return None
             rows = self._db.execute(
                 "SELECT message, sentiment, probability, user_content, reply FROM turns "
-                "WHERE session_id = ? ORDER BY seq", (session_id,)).fetchall()
+                "WHERE session_id = ? ORDER BY seq",
+                (session_id,),
+            ).fetchall()
         return [dict(message=m, sentiment=s, probability=p, user_content=u, reply=r) for m, s, p, u, r in rows]
 
     def turns(self, session_id: str) -> list[Turn]:
-        return [Turn(message=t["message"], sentiment=t["sentiment"], user_content=t["user_content"],
-                     reply=t["reply"]) for t in self.load(session_id) or []]
+        return [
+            Turn(message=t["message"], sentiment=t["sentiment"], user_content=t["user_content"], reply=t["reply"])
+            for t in self.load(session_id) or []
+        ]
 
-    def commit_turn(self, session_id: str, turn: Turn, *, probability: float | None = None,
-                    dropped: int = 0) -> int:
+    def commit_turn(self, session_id: str, turn: Turn, *, probability: float | None = None, dropped: int = 0) -> int:
         """In one transaction: drop the `dropped` oldest turns (trimmed by respond), add `turn`,
         keep at most `max_turns`, touch the session. Returns the session's turn count."""
         now = time.time()
@@ -96,22 +99,38 @@ class SessionStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("INSERT INTO sessions(id, created, updated) VALUES (?, ?, ?) "
-                           "ON CONFLICT(id) DO UPDATE SET updated = excluded.updated", (session_id, now, now))
+                db.execute(
+                    "INSERT INTO sessions(id, created, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET updated = excluded.updated",
+                    (session_id, now, now),
+                )
                 if dropped:
-                    db.execute("DELETE FROM turns WHERE session_id = ? AND seq IN "
-                               "(SELECT seq FROM turns WHERE session_id = ? ORDER BY seq LIMIT ?)",
-                               (session_id, session_id, dropped))
-                (last,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM turns WHERE session_id = ?",
-                                     (session_id,)).fetchone()
-                db.execute("INSERT INTO turns(session_id, seq, message, sentiment, probability, user_content, "
-                           "reply, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (session_id, last + 1, turn.message, turn.sentiment, probability, turn.user_content,
-                            turn.reply, now))
-                db.execute("DELETE FROM turns WHERE session_id = ? AND seq <= ?",
-                           (session_id, last + 1 - self.max_turns))
-                (count,) = db.execute("SELECT COUNT(*) FROM turns WHERE session_id = ?",
-                                      (session_id,)).fetchone()
+                    db.execute(
+                        "DELETE FROM turns WHERE session_id = ? AND seq IN "
+                        "(SELECT seq FROM turns WHERE session_id = ? ORDER BY seq LIMIT ?)",
+                        (session_id, session_id, dropped),
+                    )
+                (last,) = db.execute(
+                    "SELECT COALESCE(MAX(seq), 0) FROM turns WHERE session_id = ?", (session_id,)
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO turns(session_id, seq, message, sentiment, probability, user_content, "
+                    "reply, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        session_id,
+                        last + 1,
+                        turn.message,
+                        turn.sentiment,
+                        probability,
+                        turn.user_content,
+                        turn.reply,
+                        now,
+                    ),
+                )
+                db.execute(
+                    "DELETE FROM turns WHERE session_id = ? AND seq <= ?", (session_id, last + 1 - self.max_turns)
+                )
+                (count,) = db.execute("SELECT COUNT(*) FROM turns WHERE session_id = ?", (session_id,)).fetchone()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -122,4 +141,3 @@ class SessionStore:
         with self._lock:
             cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
-

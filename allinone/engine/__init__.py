@@ -6,7 +6,16 @@ from pathlib import Path
 
 from .base import ContextOverflow, Engine, EngineError, Generation, Sampling
 
-__all__ = ["ContextOverflow", "Engine", "EngineError", "Generation", "Sampling", "ENGINES", "open_engine", "pick_engine"]
+__all__ = [
+    "ContextOverflow",
+    "Engine",
+    "EngineError",
+    "Generation",
+    "Sampling",
+    "ENGINES",
+    "open_engine",
+    "pick_engine",
+]
 
 
 ENGINES = ("llamacpp", "transformers")
@@ -36,18 +45,28 @@ def open_engine(model_path: Path, settings, *, hidden_state_lanes: int = 1, n_la
     does `hidden_state_lanes`: how many lanes, from lane 0, must be able to read hidden states (the
     transformers engine can on every lane)."""
     kind = pick_engine(model_path, settings.engine)
-    sizes = {"context_size": settings.context_size, "batch_size": settings.batch_size, "threads": settings.threads,
-             "n_lanes": n_lanes}
+    sizes = {
+        "context_size": settings.context_size,
+        "batch_size": settings.batch_size,
+        "threads": settings.threads,
+        "n_lanes": n_lanes,
+    }
     if kind == "llamacpp":
         from .llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(model_path, repack=settings.repack, tapped_lanes=hidden_state_lanes,
-                              tapped_context_size=settings.sentiment_context_size, **sizes)
+        return LlamaCppEngine(
+            model_path,
+            repack=settings.repack,
+            tapped_lanes=hidden_state_lanes,
+            tapped_context_size=settings.sentiment_context_size,
+            **sizes,
+        )
     if kind == "transformers":
         try:
             from .transformers import TransformersEngine
         except ImportError as err:  # pragma: no cover - depends on the installed extras
-            raise EngineError(f"the transformers engine needs the optional extra: "
-                              f"pip install -e '.[transformers]' ({err})") from None
+            raise EngineError(
+                f"the transformers engine needs the optional extra: pip install -e '.[transformers]' ({err})"
+            ) from None
         return TransformersEngine(model_path, dtype=settings.dtype, **sizes)
     raise EngineError(f"unknown engine {kind!r}")

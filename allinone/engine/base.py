@@ -23,9 +23,9 @@ Engines are not thread-safe: one caller at a time (the server runs inference on 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -64,17 +64,17 @@ class NgramGuard:
         self._source: dict[tuple[int, ...], set[int]] = {}
         source = sampling.copy_source
         for i in range(len(source) - self.copy) if self.copy else ():
-            self._source.setdefault(tuple(source[i:i + self.copy]), set()).add(source[i + self.copy])
+            self._source.setdefault(tuple(source[i : i + self.copy]), set()).add(source[i + self.copy])
 
     def banned(self, generated: Sequence[int]) -> list[int]:
         out: set[int] = set()
         if self.repeat > 1 and len(generated) >= self.repeat - 1:
             if len(generated) >= self.repeat:  # the run that ended with the previous token
-                run = tuple(generated[-self.repeat:])
+                run = tuple(generated[-self.repeat :])
                 self._seen.setdefault(run[:-1], set()).add(run[-1])
-            out |= self._seen.get(tuple(generated[len(generated) - self.repeat + 1:]), set())
+            out |= self._seen.get(tuple(generated[len(generated) - self.repeat + 1 :]), set())
         if self.copy and len(generated) >= self.copy:
-            out |= self._source.get(tuple(generated[-self.copy:]), set())
+            out |= self._source.get(tuple(generated[-self.copy :]), set())
         return list(out)
 
 
@@ -118,9 +118,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator,
-                 generated: Sequence[int], suppressed: np.ndarray | None = None,
-                 banned: Sequence[int] = ()) -> int:
+def sample_token(
+    logits: np.ndarray,
+    sampling: Sampling,
+    rng: np.random.Generator,
+    generated: Sequence[int],
+    suppressed: np.ndarray | None = None,
+    banned: Sequence[int] = (),
+) -> int:
     """`suppressed`: sampling.suppress_tokens as an index array (built once per generation);
     `banned`: tokens forbidden at this step only (NgramGuard)."""
     logits = logits.astype(np.float64, copy=True)
@@ -239,14 +244,14 @@ class Engine(ABC):
         """Whether lane dst can take over KV entries of lane src (backends may keep lanes apart)."""
         return True
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
-                       stop: bool = True) -> np.ndarray:
+    def _decode_hidden(
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+    ) -> np.ndarray:
         """Evaluate tokens through the first `layers` blocks (all blocks unless `stop`); return
         the last position's residual stream after block `layers`."""
         raise EngineError(f"{self.description} cannot read hidden states")
 
-    def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
-                           candidates: Sequence[int]) -> np.ndarray:
+    def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int, candidates: Sequence[int]) -> np.ndarray:
         """Like _decode, but only the candidates' logits are needed; a backend that can project
         the last hidden state onto those rows alone (not the whole vocabulary) overrides this."""
         return self._decode(lane, tokens, start)[list(candidates)]
@@ -261,8 +266,14 @@ class Engine(ABC):
         if not 0 <= lane < self.n_lanes:
             raise EngineError(f"lane {lane} out of range 0..{self.n_lanes - 1}")
 
-    def _evaluate(self, tokens: Sequence[int], lane: int, candidates: Sequence[int] | None = None,
-                  layers: int | None = None, complete: bool = False) -> np.ndarray:
+    def _evaluate(
+        self,
+        tokens: Sequence[int],
+        lane: int,
+        candidates: Sequence[int] | None = None,
+        layers: int | None = None,
+        complete: bool = False,
+    ) -> np.ndarray:
         """Bring `lane` to hold exactly `tokens` and return the logits after the last one (only
         the candidates' logits, in their order, when candidates are given), or, with `layers`,
         the last position's residual stream after that many blocks; the pass stops there unless
@@ -280,7 +291,7 @@ class Engine(ABC):
 
         def reusable(other: _Lane) -> int:
             # At least the last token must be evaluated: its output is the answer.
-            return min(common_prefix_length(other.tokens[:other.usable(depth)], tokens), len(tokens) - 1)
+            return min(common_prefix_length(other.tokens[: other.usable(depth)], tokens), len(tokens) - 1)
 
         reuse = reusable(state)
         donor, donor_reuse = None, reuse
@@ -353,8 +364,7 @@ class Engine(ABC):
         """All next-token logits after `tokens` (float32, vocabulary-sized), same cache as score()."""
         return np.asarray(self._evaluate(tokens, lane), dtype=np.float32)
 
-    def hidden_state(self, tokens: Sequence[int], layers: int, *, lane: int = 0,
-                     complete: bool = False) -> np.ndarray:
+    def hidden_state(self, tokens: Sequence[int], layers: int, *, lane: int = 0, complete: bool = False) -> np.ndarray:
         """The residual stream after the first `layers` transformer blocks (1..n_layers-1) at the
         last position (float32, hidden-sized), same cache as score(). The pass stops there: the
         blocks above and the output projection are never computed, so this costs about
@@ -364,8 +374,14 @@ class Engine(ABC):
         the sentiment and the reply."""
         return np.asarray(self._evaluate(tokens, lane, layers=layers, complete=complete), dtype=np.float32)
 
-    def generate(self, tokens: Sequence[int], sampling: Sampling = Sampling(), *, lane: int = 0,
-                 should_stop: Callable[[], bool] | None = None) -> Generation:
+    def generate(
+        self,
+        tokens: Sequence[int],
+        sampling: Sampling = Sampling(),
+        *,
+        lane: int = 0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Generation:
         return Generation(self._generate_steps(list(tokens), sampling, lane, should_stop))
 
     def _suppressed_array(self, tokens: frozenset[int]) -> np.ndarray:
@@ -375,8 +391,7 @@ class Engine(ABC):
             self._last_suppressed = (tokens, np.fromiter(tokens, dtype=np.int64, count=len(tokens)))
         return self._last_suppressed[1]
 
-    def _generate_steps(self, tokens: list[int], sampling: Sampling, lane: int,
-                        should_stop: Callable[[], bool] | None):
+    def _generate_steps(self, tokens: list[int], sampling: Sampling, lane: int, should_stop: Callable[[], bool] | None):
         logits = self._evaluate(tokens, lane)
         rng = np.random.default_rng(sampling.seed)
         suppressed = self._suppressed_array(sampling.suppress_tokens)

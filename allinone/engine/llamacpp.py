@@ -11,8 +11,8 @@ import ctypes
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -112,8 +112,9 @@ class _LayerTap:
             self.value = rows[-1]
         else:
             value = np.empty(self.n_embd, dtype=np.float32)
-            self._ggml.ggml_backend_tensor_get(tensor, value.ctypes.data, (n_tokens - 1) * self.n_embd * 4,
-                                               self.n_embd * 4)
+            self._ggml.ggml_backend_tensor_get(
+                tensor, value.ctypes.data, (n_tokens - 1) * self.n_embd * 4, self.n_embd * 4
+            )
             self.value = value
         return not self.stop  # False abandons the rest of the graph
 
@@ -146,9 +147,19 @@ def _init_backend(verbose: bool) -> None:
 
 
 class LlamaCppEngine(Engine):
-    def __init__(self, model_path: str | os.PathLike, *, context_size: int, batch_size: int,
-                 tapped_context_size: int, threads: int | None = None, n_lanes: int = 4, verbose: bool = False,
-                 repack: bool = True, tapped_lanes: int = 1):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        context_size: int,
+        batch_size: int,
+        tapped_context_size: int,
+        threads: int | None = None,
+        n_lanes: int = 4,
+        verbose: bool = False,
+        repack: bool = True,
+        tapped_lanes: int = 1,
+    ):
         import llama_cpp
 
         super().__init__(n_lanes)
@@ -191,8 +202,15 @@ class LlamaCppEngine(Engine):
         except ValueError as err:
             raise EngineError(f"llama.cpp could not load {self.path}: {err}") from None
 
-    def _create_contexts(self, context_size: int, batch_size: int, tapped_context_size: int, tapped_lanes: int,
-                         threads: int, verbose: bool) -> None:
+    def _create_contexts(
+        self,
+        context_size: int,
+        batch_size: int,
+        tapped_context_size: int,
+        tapped_lanes: int,
+        threads: int,
+        verbose: bool,
+    ) -> None:
         """Contexts over the same weights (a context holds only its KV cache and scratch buffers):
         lane 0 in one that carries the layer tap; further tapped lanes (the chat lane, when a head
         reads its pass or it runs an adapter) in a second tapped one; the others in one without
@@ -226,8 +244,9 @@ class LlamaCppEngine(Engine):
             params.n_ctx = context_size
             chat = self._new_context(params, verbose)
         self._contexts = [c for c in (plain, first, chat) if c is not None]
-        self._lane_context = [first if lane == 0 and first else chat if lane < tapped_lanes else plain
-                              for lane in range(self.n_lanes)]
+        self._lane_context = [
+            first if lane == 0 and first else chat if lane < tapped_lanes else plain for lane in range(self.n_lanes)
+        ]
         self.tapped_lanes = tapped_lanes
 
     def _new_context(self, params, verbose: bool):
@@ -302,9 +321,11 @@ class LlamaCppEngine(Engine):
             return
         context = self._lane_context[lane]
         if not self.lane_alone(lane):
-            raise EngineError(f"lane {lane} shares its llama.cpp context with other lanes, so it cannot take a "
-                              "LoRA adapter of its own (the lanes with a context of their own: "
-                              f"{', '.join(str(i) for i in range(self.n_lanes) if self.lane_alone(i)) or 'none'})")
+            raise EngineError(
+                f"lane {lane} shares its llama.cpp context with other lanes, so it cannot take a "
+                "LoRA adapter of its own (the lanes with a context of their own: "
+                f"{', '.join(str(i) for i in range(self.n_lanes) if self.lane_alone(i)) or 'none'})"
+            )
         if path is not None and path not in self._adapters:
             if not path.is_file():
                 raise EngineError(f"LoRA adapter not found: {path}")
@@ -375,7 +396,7 @@ class LlamaCppEngine(Engine):
         sizes = chunk_sizes(len(tokens), self._lib.llama_n_batch(context.ctx))
         offset = 0
         for index, size in enumerate(sizes):
-            chunk = tokens[offset: offset + size]
+            chunk = tokens[offset : offset + size]
             last_chunk = index == len(sizes) - 1
             batch.n_tokens = len(chunk)
             for i, token in enumerate(chunk):
@@ -390,8 +411,9 @@ class LlamaCppEngine(Engine):
             self._decode_batch(lane)
             offset += size
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
-                       stop: bool = True) -> np.ndarray:
+    def _decode_hidden(
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+    ) -> np.ndarray:
         if lane >= self.tapped_lanes:
             raise EngineError(f"lane {lane} cannot read hidden states: only lanes below {self.tapped_lanes} can")
         self._tap.arm(layers, stop)
@@ -424,8 +446,15 @@ class LlamaCppEngine(Engine):
 _TENSOR_PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
 
-def quantize_gguf(source: Path, target: Path, ftype: str, *, keep_type: str = "Q8_0",
-                  threads: int | None = None, progress: Callable[[str], None] = print) -> None:
+def quantize_gguf(
+    source: Path,
+    target: Path,
+    ftype: str,
+    *,
+    keep_type: str = "Q8_0",
+    threads: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> None:
     """Re-quantise a GGUF with llama.cpp's quantizer: every tensor to `ftype`
     (LLAMA_FTYPE_MOSTLY_<ftype>), except the output projection and token embeddings, which
     become `keep_type` (a ggml type name). Reports progress every tenth of the tensors."""

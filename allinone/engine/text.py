@@ -8,7 +8,7 @@ a stop string.
 from __future__ import annotations
 
 import codecs
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from .base import Generation
 

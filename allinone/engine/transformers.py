@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def _unicode_to_byte() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 @contextlib.contextmanager
@@ -110,8 +110,17 @@ def model_location(model_path: Path) -> tuple[Path, str | None]:
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model_path: str | os.PathLike, *, context_size: int, batch_size: int,
-                 threads: int | None = None, n_lanes: int = 4, dtype: str = "float32", verbose: bool = False):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        context_size: int,
+        batch_size: int,
+        threads: int | None = None,
+        n_lanes: int = 4,
+        dtype: str = "float32",
+        verbose: bool = False,
+    ):
         super().__init__(n_lanes)
         if dtype not in DTYPES:
             raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -130,7 +139,8 @@ class TransformersEngine(Engine):
             with _gguf_read_once(directory / gguf_file if gguf_file else None):
                 self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), **options)
                 model = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(directory), dtype=getattr(torch, dtype), **options)
+                    str(directory), dtype=getattr(torch, dtype), **options
+                )
         except (OSError, ValueError, KeyError, ImportError) as err:
             raise EngineError(f"transformers could not load {model_path}: {err}") from None
         model.eval()
@@ -142,8 +152,9 @@ class TransformersEngine(Engine):
             raise EngineError(f"{model_path}: not a decoder-only causal language model")
         config = model.config.get_text_config(decoder=True)
         if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])):
-            raise EngineError(f"{model_path}: sliding-window / linear attention layers are not supported "
-                              "by the prefix cache")
+            raise EngineError(
+                f"{model_path}: sliding-window / linear attention layers are not supported by the prefix cache"
+            )
         self._config = config
         backend = getattr(self._tokenizer, "backend_tokenizer", None) or getattr(self._tokenizer, "_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_special_tokens"):
@@ -161,8 +172,10 @@ class TransformersEngine(Engine):
         self.dtype = dtype
         arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         source = f"{Path(model_path).name}, GGUF dequantised" if gguf_file else Path(model_path).name
-        self.description = (f"transformers {transformers.__version__} / torch {torch.__version__} "
-                            f"({arch}, {source}, {dtype}, {threads} threads, ctx {self.n_ctx})")
+        self.description = (
+            f"transformers {transformers.__version__} / torch {torch.__version__} "
+            f"({arch}, {source}, {dtype}, {threads} threads, ctx {self.n_ctx})"
+        )
         self._eog = self._find_eog(model)
         template = getattr(self._tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: the default one
@@ -178,8 +191,11 @@ class TransformersEngine(Engine):
 
     def _find_eog(self, model) -> frozenset[int]:
         ids: set[int] = set()
-        for source in (self._tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
-                       getattr(self._config, "eos_token_id", None)):
+        for source in (
+            self._tokenizer.eos_token_id,
+            getattr(model.generation_config, "eos_token_id", None),
+            getattr(self._config, "eos_token_id", None),
+        ):
             if isinstance(source, int):
                 ids.add(source)
             elif isinstance(source, (list, tuple)):
@@ -245,9 +261,15 @@ class TransformersEngine(Engine):
     # ---- adapters ---------------------------------------------------------------------------
     # llama.cpp's tensor names of the projections an adapter may change, and the module of a
     # Hugging Face decoder layer each one is.
-    _PROJECTIONS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                    "ffn_down": "mlp.down_proj"}
+    _PROJECTIONS = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
 
     def use_adapter(self, lane: int, path: Path | None) -> None:
         """Apply a LoRA adapter (the llama.cpp adapter GGUF the llama.cpp engine takes) to every
@@ -276,8 +298,13 @@ class TransformersEngine(Engine):
             reader = gguf.GGUFReader(str(path))
             field = reader.fields["adapter.lora.alpha"]
             alpha = float(field.parts[field.data[0]][0])
-            tensors = {t.name: torch.tensor(np.asarray(t.data, dtype=np.float32).reshape(
-                [int(n) for n in reversed(t.shape)]), dtype=self._model.dtype) for t in reader.tensors}
+            tensors = {
+                t.name: torch.tensor(
+                    np.asarray(t.data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)]),
+                    dtype=self._model.dtype,
+                )
+                for t in reader.tensors
+            }
         except (OSError, ValueError, KeyError, IndexError) as err:
             raise EngineError(f"{path}: not a LoRA adapter GGUF ({err})") from None
         layers = self._decoder.layers
@@ -316,7 +343,7 @@ class TransformersEngine(Engine):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self._config)
-        for layer, (keys, values) in zip(cache.layers, layers):
+        for layer, (keys, values) in zip(cache.layers, layers, strict=True):
             layer.update(keys[..., :keep, :], values[..., :keep, :])  # cat onto empty: a copy
         return cache
 
@@ -359,11 +386,16 @@ class TransformersEngine(Engine):
         self._running_lane = lane
         with torch.inference_mode():
             for offset in range(0, len(tokens), self.batch_size):
-                chunk = list(tokens[offset: offset + self.batch_size])
+                chunk = list(tokens[offset : offset + self.batch_size])
                 ids = torch.tensor([chunk], dtype=torch.long)
                 positions = torch.arange(start + offset, start + offset + len(chunk), dtype=torch.long).unsqueeze(0)
-                out = self._decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
-                                    output_hidden_states=layers is not None)
+                out = self._decoder(
+                    input_ids=ids,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    output_hidden_states=layers is not None,
+                )
                 # hidden_states[0] is the embedding output, [k] the output of block k.
                 hidden = out.last_hidden_state[0, -1] if layers is None else out.hidden_states[layers][0, -1]
         return hidden
@@ -374,20 +406,22 @@ class TransformersEngine(Engine):
             logits = self._lm_head(hidden)
         return logits.float().numpy().copy()
 
-    def _decode_hidden(self, lane: int, tokens: Sequence[int], start: int, layers: int,
-                       stop: bool = True) -> np.ndarray:
+    def _decode_hidden(
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+    ) -> np.ndarray:
         # Every block runs here anyway (see _hidden_last), so the lane is complete either way.
         return self._hidden_last(lane, tokens, start, layers).float().numpy().copy()
 
-    def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int,
-                           candidates: Sequence[int]) -> np.ndarray:
+    def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int, candidates: Sequence[int]) -> np.ndarray:
         torch = self._torch
         hidden = self._hidden_last(lane, tokens, start)
         with torch.inference_mode():
             rows = torch.tensor(list(candidates), dtype=torch.long)
             logits = torch.nn.functional.linear(
-                hidden, self._lm_head.weight.index_select(0, rows),
-                None if self._lm_head.bias is None else self._lm_head.bias.index_select(0, rows))
+                hidden,
+                self._lm_head.weight.index_select(0, rows),
+                None if self._lm_head.bias is None else self._lm_head.bias.index_select(0, rows),
+            )
         return logits.float().numpy().copy()
 
     # ---- for tests and the original recipe --------------------------------------------------

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .metrics import percentile
 
@@ -39,9 +39,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def compare_methods(items: Sequence[dict], methods: dict[str, Callable[[str], object]],
-                    progress: Callable[[], None] | None = None,
-                    reset: Callable[[], None] | dict[str, Callable[[], None]] | None = None) -> dict:
+def compare_methods(
+    items: Sequence[dict],
+    methods: dict[str, Callable[[str], object]],
+    progress: Callable[[], None] | None = None,
+    reset: Callable[[], None] | dict[str, Callable[[], None]] | None = None,
+) -> dict:
     """Run every method on every text, alternating per text; latency and accuracy per method.
 
     `reset` runs (untimed) before each call: without it the second method would find the text
@@ -61,7 +64,10 @@ def compare_methods(items: Sequence[dict], methods: dict[str, Callable[[str], ob
         if progress:
             progress()
     return {
-        name: {"n": len(items), "accuracy": correct[name] / len(items) if items else None,
-               "latency_ms": {"p50": percentile(latencies[name], 50), "p95": percentile(latencies[name], 95)}}
+        name: {
+            "n": len(items),
+            "accuracy": correct[name] / len(items) if items else None,
+            "latency_ms": {"p50": percentile(latencies[name], 50), "p95": percentile(latencies[name], 95)},
+        }
         for name in methods
     }

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..conversation.history import Conversation
 from ..model.store import ModelError, resolve_model_path
@@ -74,8 +74,13 @@ def our_methods(assistant, methods: Methods) -> None:
     settings = assistant.settings
 
     def analyst_on(engine, prompt_name: str, lane: int) -> SentimentAnalyst:
-        return SentimentAnalyst(engine, sentiment_prompt(prompt_name), lane=lane,
-                                max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
+        return SentimentAnalyst(
+            engine,
+            sentiment_prompt(prompt_name),
+            lane=lane,
+            max_text_chars=settings.max_text_chars,
+            max_text_tokens=settings.max_text_tokens,
+        )
 
     methods.add("score", assistant.analyze, assistant.analyst.warm_prefix)
     own_weights = analyst_on(assistant.engine, settings.sentiment_prompt, Lane.CHAT)
@@ -88,8 +93,7 @@ def our_methods(assistant, methods: Methods) -> None:
     methods.add("seed", own_weights.analyze_by_generation, own_weights.warm_prefix)
 
 
-def baseline_methods(assistant, options: BenchOptions, methods: Methods,
-                     announce: Callable[[str], None]) -> None:
+def baseline_methods(assistant, options: BenchOptions, methods: Methods, announce: Callable[[str], None]) -> None:
     """The baselines, on the original Q4_K_M file unless told otherwise. The slow original recipe
     loads before the peer server starts, so that a failure cannot leave a server process behind."""
     settings = assistant.settings
@@ -103,8 +107,10 @@ def baseline_methods(assistant, options: BenchOptions, methods: Methods,
 
         try:
             recipe_model, started = model(options.original_model), time.perf_counter()
-            announce(f"loading the original recipe's transformers float32 model from {recipe_model.name} "
-                     "(dequantising a GGUF takes a few minutes) ...")
+            announce(
+                f"loading the original recipe's transformers float32 model from {recipe_model.name} "
+                "(dequantising a GGUF takes a few minutes) ..."
+            )
             methods.original = OriginalRecipe(recipe_model, original_prompt, settings)
             methods.load_seconds["original"] = time.perf_counter() - started
         except (OSError, ModelError, ImportError) as err:
@@ -113,16 +119,22 @@ def baseline_methods(assistant, options: BenchOptions, methods: Methods,
         # Our method without llama.cpp: one-pass scoring (the same prompt as `prompt`, the two
         # label tokens, prefix cache) on the recipe's own float32 model. No head: heads are
         # trained per model file, and this is the dequantised Q4_K_M.
-        ours_fp32 = SentimentAnalyst(methods.original.engine, sentiment_prompt(settings.sentiment_prompt), lane=0,
-                                     max_text_chars=settings.max_text_chars, max_text_tokens=settings.max_text_tokens)
+        ours_fp32 = SentimentAnalyst(
+            methods.original.engine,
+            sentiment_prompt(settings.sentiment_prompt),
+            lane=0,
+            max_text_chars=settings.max_text_chars,
+            max_text_tokens=settings.max_text_tokens,
+        )
         methods.add("prompt-transformers", lambda text: ours_fp32.analyze(text, use_head=False), ours_fp32.warm_prefix)
     if options.raw:
         from .raw import RawLlamaCpp
 
         try:
             started = time.perf_counter()
-            methods.raw = RawLlamaCpp(model(None), original_prompt, threads=settings.threads,
-                                      context_size=settings.context_size)
+            methods.raw = RawLlamaCpp(
+                model(None), original_prompt, threads=settings.threads, context_size=settings.context_size
+            )
             methods.load_seconds["raw"] = time.perf_counter() - started
         except (OSError, ValueError, ModelError) as err:
             raise BenchError(f"cannot load llama-cpp-python's Llama on the original model: {err}") from None
@@ -131,16 +143,23 @@ def baseline_methods(assistant, options: BenchOptions, methods: Methods,
         from .peer import LlamaServerPeer
 
         try:
-            methods.peer = LlamaServerPeer(Path(options.llama_server), model(options.peer_model), original_prompt,
-                                           threads=settings.threads)
+            methods.peer = LlamaServerPeer(
+                Path(options.llama_server), model(options.peer_model), original_prompt, threads=settings.threads
+            )
         except (OSError, RuntimeError, ModelError) as err:
             raise BenchError(f"cannot start the llama-server peer: {err}") from None
         methods.add("llama-server", methods.peer.analyze, methods.peer.warm_prefix)
 
 
-def run_bench(assistant, items: list[dict], chat_messages: list[str], options: BenchOptions,
-              progress: Callable[[str, int], Callable[[], None]] = lambda desc, total: lambda: None,
-              announce: Callable[[str], None] = lambda message: None, rss_before_load: float | None = None) -> dict:
+def run_bench(
+    assistant,
+    items: list[dict],
+    chat_messages: list[str],
+    options: BenchOptions,
+    progress: Callable[[str, int], Callable[[], None]] = lambda desc, total: lambda: None,
+    announce: Callable[[str], None] = lambda message: None,
+    rss_before_load: float | None = None,
+) -> dict:
     """Time every method on `items` (labelled texts), then the chat flows on `chat_messages`.
     `progress(description, total)` returns a callback called once per item."""
     loaded = rss_mb()
@@ -152,28 +171,41 @@ def run_bench(assistant, items: list[dict], chat_messages: list[str], options: B
     try:
         our_methods(assistant, methods)
         baseline_methods(assistant, options, methods, announce)
-        results = compare_methods(items, methods.analyze, reset=methods.reset,
-                                  progress=progress(f"bench ({', '.join(methods.analyze)})", len(items)))
+        results = compare_methods(
+            items,
+            methods.analyze,
+            reset=methods.reset,
+            progress=progress(f"bench ({', '.join(methods.analyze)})", len(items)),
+        )
         if methods.peer:
             methods.peer.close()
             methods.peer = None
         assistant.use_chat_adapter(chat_adapter)
-        chat = bench_chat(assistant, methods.raw, chat_messages,
-                          progress("bench (chat: respond flow, plain llama-cpp-python)", len(chat_messages)))
+        chat = bench_chat(
+            assistant,
+            methods.raw,
+            chat_messages,
+            progress("bench (chat: respond flow, plain llama-cpp-python)", len(chat_messages)),
+        )
     finally:
         methods.close()
     return summarize(assistant, items, results, methods, chat, rss_before_load, loaded)
 
 
-def summarize(assistant, items, results: dict, methods: Methods, chat: dict | None,
-              rss_before_load: float | None, loaded: float) -> dict:
+def summarize(
+    assistant, items, results: dict, methods: Methods, chat: dict | None, rss_before_load: float | None, loaded: float
+) -> dict:
     p50 = {name: r["latency_ms"]["p50"] for name, r in results.items()}
     report = {
-        "n": len(items), "engine": assistant.engine.description,
-        "model": str(assistant.model_path), "head": assistant.head is not None,
+        "n": len(items),
+        "engine": assistant.engine.description,
+        "model": str(assistant.model_path),
+        "head": assistant.head is not None,
         "load_seconds": round(assistant.load_seconds, 3),
         "rss_before_load_mb": None if rss_before_load is None else round(rss_before_load, 1),
-        "rss_after_load_mb": round(loaded, 1), "peak_rss_mb": round(peak_rss_mb(), 1), "methods": results,
+        "rss_after_load_mb": round(loaded, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "methods": results,
         "speedup_score_vs_seed": p50["seed"] / p50["score"],
     }
     if "prompt" in p50:
@@ -239,8 +271,14 @@ def bench_chat(assistant, raw, messages: list[str], progress: Callable[[], None]
             theirs["rates"].append(timing.decode_tokens_per_s)
         progress()
     assistant.use_chat_adapter(adapter)
-    summary = {flow: {"sentiment_ms_p50": _median(t["sentiment"]), "first_token_ms_p50": _median(t["first"]),
-                      "decode_tokens_per_s": _median(t["rates"])} for flow, t in timings.items()}
+    summary = {
+        flow: {
+            "sentiment_ms_p50": _median(t["sentiment"]),
+            "first_token_ms_p50": _median(t["first"]),
+            "decode_tokens_per_s": _median(t["rates"]),
+        }
+        for flow, t in timings.items()
+    }
     summary["ours"]["shared_prefill"] = shared
     if adapter is not None:
         own = summary["own_weights"]
@@ -248,10 +286,19 @@ def bench_chat(assistant, raw, messages: list[str], progress: Callable[[], None]
         summary["adapter_cost"] = {
             "sentiment_ms_ratio": summary["ours"]["sentiment_ms_p50"] / own["sentiment_ms_p50"],
             "first_token_ms_ratio": summary["ours"]["first_token_ms_p50"] / own["first_token_ms_p50"],
-            "decode_tokens_per_s_ratio": summary["ours"]["decode_tokens_per_s"] / own["decode_tokens_per_s"]}
-    return {"n": len(messages), "max_tokens": CHAT_BENCH_TOKENS, **summary,
-            "raw_llama_cpp_python": {"first_token_ms_p50": _median(theirs["first"]),
-                                     "decode_tokens_per_s": _median(theirs["rates"])} if raw else None}
+            "decode_tokens_per_s_ratio": summary["ours"]["decode_tokens_per_s"] / own["decode_tokens_per_s"],
+        }
+    return {
+        "n": len(messages),
+        "max_tokens": CHAT_BENCH_TOKENS,
+        **summary,
+        "raw_llama_cpp_python": {
+            "first_token_ms_p50": _median(theirs["first"]),
+            "decode_tokens_per_s": _median(theirs["rates"]),
+        }
+        if raw
+        else None,
+    }
 
 
 def _median(values: list[float]) -> float:

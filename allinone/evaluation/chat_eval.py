@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Callable
 
 from ..conversation.history import Conversation
 from .chat_rubric import check_reply
@@ -39,11 +39,16 @@ def load_conversations(path: str | Path) -> list[dict]:
         if obj.get("lang") not in LANGS or not isinstance(turns, list) or len(turns) < 2:
             raise DataError(f"{path} line {number}: needs lang zh|en and a list of at least two turns")
         for turn in turns:
-            if not isinstance(turn, dict) or not isinstance(turn.get("message"), str) \
-                    or turn.get("sentiment") not in SENTIMENTS \
-                    or not isinstance(turn.get("expect_any", []), list):
-                raise DataError(f"{path} line {number}: each turn needs a message, a sentiment positive|negative "
-                                "and optionally expect_any, a list of words")
+            if (
+                not isinstance(turn, dict)
+                or not isinstance(turn.get("message"), str)
+                or turn.get("sentiment") not in SENTIMENTS
+                or not isinstance(turn.get("expect_any", []), list)
+            ):
+                raise DataError(
+                    f"{path} line {number}: each turn needs a message, a sentiment positive|negative "
+                    "and optionally expect_any, a list of words"
+                )
         conversations.append(obj)
     return conversations
 
@@ -59,39 +64,58 @@ def _timed_reply(assistant, conversation: Conversation, message: str) -> dict:
     first = next(deltas, "")
     first_token_ms = (time.perf_counter() - start) * 1000
     reply = first + "".join(deltas)
-    return {"reply": reply, "detected": response.sentiment.label, "sentiment_ms": round(sentiment_ms, 1),
-            "time_to_first_token_ms": round(first_token_ms, 1)}
+    return {
+        "reply": reply,
+        "detected": response.sentiment.label,
+        "sentiment_ms": round(sentiment_ms, 1),
+        "time_to_first_token_ms": round(first_token_ms, 1),
+    }
 
 
 def _rates(rows: list[dict]) -> dict:
     """Pass rate, overall and per language, and the share of replies with each failure kind."""
     n = len(rows)
-    by_lang = {lang: sum(not r["failures"] for r in rows if r["lang"] == lang) / max(1, sum(r["lang"] == lang for r in rows))
-               for lang in LANGS}
+    by_lang = {
+        lang: sum(not r["failures"] for r in rows if r["lang"] == lang) / max(1, sum(r["lang"] == lang for r in rows))
+        for lang in LANGS
+    }
     counts = Counter(kind for r in rows for kind in r["failures"])
-    return {"n": n, "pass_rate": sum(not r["failures"] for r in rows) / max(1, n), "pass_rate_by_lang": by_lang,
-            "failures": dict(counts.most_common()),
-            "failure_share": {kind: round(count / max(1, n), 4) for kind, count in counts.most_common()},
-            "failures_by_lang": {lang: dict(Counter(k for r in rows if r["lang"] == lang for k in r["failures"]))
-                                 for lang in LANGS}}
+    return {
+        "n": n,
+        "pass_rate": sum(not r["failures"] for r in rows) / max(1, n),
+        "pass_rate_by_lang": by_lang,
+        "failures": dict(counts.most_common()),
+        "failure_share": {kind: round(count / max(1, n), 4) for kind, count in counts.most_common()},
+        "failures_by_lang": {
+            lang: dict(Counter(k for r in rows if r["lang"] == lang for k in r["failures"])) for lang in LANGS
+        },
+    }
 
 
-def evaluate_messages(assistant, items: list[dict], progress: Callable[[int], None] = lambda n: None
-                      ) -> tuple[dict, list[dict]]:
+def evaluate_messages(
+    assistant, items: list[dict], progress: Callable[[int], None] = lambda n: None
+) -> tuple[dict, list[dict]]:
     rows = []
     for item in items:
         result = _timed_reply(assistant, Conversation(), item["message"])
         failures = check_reply(item["message"], result["reply"], item["lang"], item["sentiment"])
         rows.append({**item, **result, "failures": failures})
         progress(1)
-    report = {**_rates(rows), "chat_prompt": assistant.settings.chat_prompt,
-              "chat_adapter": assistant.chat.adapter.path.name if assistant.chat.adapter else None,
-              "sentiment_accuracy": sum(r["detected"] == r["sentiment"] for r in rows) / max(1, len(rows)),
-              "shared_prefill": assistant.chat_head is not None,
-              "sentiment_ms": {"p50": percentile([r["sentiment_ms"] for r in rows], 50),
-                               "p95": percentile([r["sentiment_ms"] for r in rows], 95)},
-              "time_to_first_token_ms": {"p50": percentile([r["time_to_first_token_ms"] for r in rows], 50),
-                                         "p95": percentile([r["time_to_first_token_ms"] for r in rows], 95)}}
+    report = {
+        **_rates(rows),
+        "chat_prompt": assistant.settings.chat_prompt,
+        "chat_adapter": assistant.chat.adapter.path.name if assistant.chat.adapter else None,
+        "sentiment_accuracy": sum(r["detected"] == r["sentiment"] for r in rows) / max(1, len(rows)),
+        "shared_prefill": assistant.chat_head is not None,
+        "sentiment_ms": {
+            "p50": percentile([r["sentiment_ms"] for r in rows], 50),
+            "p95": percentile([r["sentiment_ms"] for r in rows], 95),
+        },
+        "time_to_first_token_ms": {
+            "p50": percentile([r["time_to_first_token_ms"] for r in rows], 50),
+            "p95": percentile([r["time_to_first_token_ms"] for r in rows], 95),
+        },
+    }
     return report, rows
 
 
@@ -108,8 +132,9 @@ def follows_conversation(reply: str, earlier_replies: list[str], expect_any: lis
     return failures
 
 
-def evaluate_conversations(assistant, conversations: list[dict],
-                           progress: Callable[[int], None] = lambda n: None) -> tuple[dict, list[dict]]:
+def evaluate_conversations(
+    assistant, conversations: list[dict], progress: Callable[[int], None] = lambda n: None
+) -> tuple[dict, list[dict]]:
     """Each scripted conversation in one session, turn after turn: every reply is checked by the
     rubric, and the later ones also for following the conversation."""
     rows = []
@@ -122,14 +147,29 @@ def evaluate_conversations(assistant, conversations: list[dict],
             if number > 1:
                 failures += follows_conversation(result["reply"], earlier, turn.get("expect_any", []))
             earlier.append(result["reply"])
-            rows.append({"id": script["id"], "turn": number, "lang": script["lang"], "message": turn["message"],
-                         "sentiment": turn["sentiment"], **result, "failures": failures})
+            rows.append(
+                {
+                    "id": script["id"],
+                    "turn": number,
+                    "lang": script["lang"],
+                    "message": turn["message"],
+                    "sentiment": turn["sentiment"],
+                    **result,
+                    "failures": failures,
+                }
+            )
             progress(1)
-    by_turn = {str(n): sum(not r["failures"] for r in rows if r["turn"] == n) / max(1, sum(r["turn"] == n for r in rows))
-               for n in sorted({r["turn"] for r in rows})}
+    by_turn = {
+        str(n): sum(not r["failures"] for r in rows if r["turn"] == n) / max(1, sum(r["turn"] == n for r in rows))
+        for n in sorted({r["turn"] for r in rows})
+    }
     whole = [all(not r["failures"] for r in rows if r["id"] == s["id"]) for s in conversations]
-    report = {**_rates(rows), "conversations": len(conversations), "pass_rate_by_turn": by_turn,
-              "conversations_passing": sum(whole) / max(1, len(whole)),
-              "chat_prompt": assistant.settings.chat_prompt,
-              "chat_adapter": assistant.chat.adapter.path.name if assistant.chat.adapter else None}
+    report = {
+        **_rates(rows),
+        "conversations": len(conversations),
+        "pass_rate_by_turn": by_turn,
+        "conversations_passing": sum(whole) / max(1, len(whole)),
+        "chat_prompt": assistant.settings.chat_prompt,
+        "chat_adapter": assistant.chat.adapter.path.name if assistant.chat.adapter else None,
+    }
     return report, rows

@@ -28,26 +28,98 @@ from ..roles.language import LATIN_WORD
 from ..roles.language import detect_language as reply_language
 
 REFUSALS = [
-    "抱歉，我无法", "抱歉,我无法", "我无法协助", "我不能协助", "无法完成这个请求", "作为一个ai", "作为一个人工智能",
-    "i can't assist", "i cannot assist", "i can't help with", "i cannot help with", "i'm unable to",
-    "i am unable to", "as an ai", "i'm sorry, but i can't", "i'm sorry, but i cannot",
+    "抱歉，我无法",
+    "抱歉,我无法",
+    "我无法协助",
+    "我不能协助",
+    "无法完成这个请求",
+    "作为一个ai",
+    "作为一个人工智能",
+    "i can't assist",
+    "i cannot assist",
+    "i can't help with",
+    "i cannot help with",
+    "i'm unable to",
+    "i am unable to",
+    "as an ai",
+    "i'm sorry, but i can't",
+    "i'm sorry, but i cannot",
 ]
 # Cheer that is wrong after bad news.
-CONGRATULATIONS = ["恭喜", "祝贺", "太棒了", "真棒", "好消息", "令人兴奋", "为你高兴", "为你开心", "真开心",
-                   "congratulations", "congrats", "well done", "that's amazing", "that's great", "great news",
-                   "awesome", "wonderful news", "how exciting", "so happy for you", "good for you", "yay"]
+CONGRATULATIONS = [
+    "恭喜",
+    "祝贺",
+    "太棒了",
+    "真棒",
+    "好消息",
+    "令人兴奋",
+    "为你高兴",
+    "为你开心",
+    "真开心",
+    "congratulations",
+    "congrats",
+    "well done",
+    "that's amazing",
+    "that's great",
+    "great news",
+    "awesome",
+    "wonderful news",
+    "how exciting",
+    "so happy for you",
+    "good for you",
+    "yay",
+]
 # Dismay or condolence that is wrong after good news.
-CONDOLENCES = ["遗憾", "难过", "节哀", "抱歉听到", "很抱歉", "心疼", "太糟糕", "真糟糕", "好可惜", "太可惜",
-               "sorry to hear", "so sorry", "condolence", "that's tough", "that must be hard", "oh no",
-               "that's awful", "that's terrible", "how awful", "how terrible", "what a shame", "that sucks"]
+CONDOLENCES = [
+    "遗憾",
+    "难过",
+    "节哀",
+    "抱歉听到",
+    "很抱歉",
+    "心疼",
+    "太糟糕",
+    "真糟糕",
+    "好可惜",
+    "太可惜",
+    "sorry to hear",
+    "so sorry",
+    "condolence",
+    "that's tough",
+    "that must be hard",
+    "oh no",
+    "that's awful",
+    "that's terrible",
+    "how awful",
+    "how terrible",
+    "what a shame",
+    "that sucks",
+]
 # Blame or lecturing, wrong after bad news (a suggestion after good news is harmless).
-BLAME_ZH = ["你应该", "你应当", "你必须", "你不应该", "你不该", "你本该", "你早该", "都怪你", "你的错", "怪你自己",
-            "谁让你", "活该", "你为什么不", "你怎么不", "你要学会", "下次注意", "早知道"]
+BLAME_ZH = [
+    "你应该",
+    "你应当",
+    "你必须",
+    "你不应该",
+    "你不该",
+    "你本该",
+    "你早该",
+    "都怪你",
+    "你的错",
+    "怪你自己",
+    "谁让你",
+    "活该",
+    "你为什么不",
+    "你怎么不",
+    "你要学会",
+    "下次注意",
+    "早知道",
+]
 BLAME_EN = re.compile(
     r"\byou (?:should|shouldn't|should not|ought to|need to|have to|had better)\b|\byou'd better\b"
     r"|\b(?:it's|it is|that's|that is) (?:all )?your (?:own )?fault\b|\bwhy didn't you\b|\byou deserved?\b"
     r"|\b(?:a |such a )?(?:big|huge|stupid|silly) mistake\b|\bshame on you\b|\bwhat were you thinking\b",
-    re.I)
+    re.I,
+)
 _LIST_LINE = re.compile(r"^\s*(?:\d+[.、)]|[-*•]\s)", re.M)
 _MARKDOWN = re.compile(r"\*\*|```|^\s*#{1,6}\s", re.M)
 
@@ -71,24 +143,189 @@ _CLAUSE_END_EN = re.compile(r"[,.!?;:\n]+|\s(?:but|because|when|while|although)\
 _FIRST_PERSON_EN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|im|ive|me|my|mine|myself|we|we're|we've|our|us)\b", re.I)
 _SECOND_PERSON_EN = re.compile(r"\b(?:you|you're|you've|you'd|you'll|your|yours|yourself|u)\b", re.I)
 _LISTENER_VERBS_EN = {
-    "sorry", "glad", "happy", "hope", "hoping", "think", "thought", "know", "knew", "understand", "imagine",
-    "bet", "wish", "feel", "felt", "love", "loved", "agree", "guess", "believe", "sure", "hear", "heard",
-    "remember", "here", "proud", "excited", "thrilled", "wonder", "wondering", "can't", "cannot", "sad",
-    "can", "would", "could", "am", "was", "be", "so", "really", "too", "also", "just", "a", "the",
+    "sorry",
+    "glad",
+    "happy",
+    "hope",
+    "hoping",
+    "think",
+    "thought",
+    "know",
+    "knew",
+    "understand",
+    "imagine",
+    "bet",
+    "wish",
+    "feel",
+    "felt",
+    "love",
+    "loved",
+    "agree",
+    "guess",
+    "believe",
+    "sure",
+    "hear",
+    "heard",
+    "remember",
+    "here",
+    "proud",
+    "excited",
+    "thrilled",
+    "wonder",
+    "wondering",
+    "can't",
+    "cannot",
+    "sad",
+    "can",
+    "would",
+    "could",
+    "am",
+    "was",
+    "be",
+    "so",
+    "really",
+    "too",
+    "also",
+    "just",
+    "a",
+    "the",
 }
 _STOPWORDS_EN = {
-    "the", "a", "an", "and", "or", "but", "to", "of", "in", "on", "at", "for", "with", "about", "from", "by",
-    "is", "are", "was", "were", "be", "been", "am", "it", "its", "it's", "this", "that", "these", "those",
-    "i", "i'm", "i've", "i'd", "i'll", "im", "ive", "me", "my", "mine", "we", "our", "us", "so", "very",
-    "really", "just", "today", "yesterday", "finally", "got", "get", "have", "has", "had", "do", "did",
-    "not", "no", "all", "up", "out", "some", "any", "what", "when", "how", "now", "then", "there", "they",
-    "them", "their", "he", "she", "his", "her", "him", "one", "too", "also", "can", "could", "would", "will",
-    "feel", "felt", "feeling", "happy", "sad", "glad", "sorry", "time", "day", "last", "first", "new", "like",
-    "make", "made", "go", "went", "going", "know", "think", "much", "more", "because", "after", "before",
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "but",
+    "to",
+    "of",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "about",
+    "from",
+    "by",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "am",
+    "it",
+    "its",
+    "it's",
+    "this",
+    "that",
+    "these",
+    "those",
+    "i",
+    "i'm",
+    "i've",
+    "i'd",
+    "i'll",
+    "im",
+    "ive",
+    "me",
+    "my",
+    "mine",
+    "we",
+    "our",
+    "us",
+    "so",
+    "very",
+    "really",
+    "just",
+    "today",
+    "yesterday",
+    "finally",
+    "got",
+    "get",
+    "have",
+    "has",
+    "had",
+    "do",
+    "did",
+    "not",
+    "no",
+    "all",
+    "up",
+    "out",
+    "some",
+    "any",
+    "what",
+    "when",
+    "how",
+    "now",
+    "then",
+    "there",
+    "they",
+    "them",
+    "their",
+    "he",
+    "she",
+    "his",
+    "her",
+    "him",
+    "one",
+    "too",
+    "also",
+    "can",
+    "could",
+    "would",
+    "will",
+    "feel",
+    "felt",
+    "feeling",
+    "happy",
+    "sad",
+    "glad",
+    "sorry",
+    "time",
+    "day",
+    "last",
+    "first",
+    "new",
+    "like",
+    "make",
+    "made",
+    "go",
+    "went",
+    "going",
+    "know",
+    "think",
+    "much",
+    "more",
+    "because",
+    "after",
+    "before",
 }
 # Chinese listener words: a clause with 我 made of these is sympathy, not the user's story.
-_LISTENER_WORDS_ZH = ["理解", "明白", "感受", "心疼", "难过", "开心", "高兴", "替你", "为你", "陪你", "陪着你",
-                      "希望", "相信", "觉得你", "听到", "听你", "知道", "想象", "能感", "感同身受", "支持"]
+_LISTENER_WORDS_ZH = [
+    "理解",
+    "明白",
+    "感受",
+    "心疼",
+    "难过",
+    "开心",
+    "高兴",
+    "替你",
+    "为你",
+    "陪你",
+    "陪着你",
+    "希望",
+    "相信",
+    "觉得你",
+    "听到",
+    "听你",
+    "知道",
+    "想象",
+    "能感",
+    "感同身受",
+    "支持",
+]
 
 
 def reply_length(text: str, lang: str) -> int:
@@ -131,7 +368,7 @@ def repeated_run(reply: str, lang: str) -> int:
         seen: dict = {}
         found = False
         for start in range(len(units) - length + 1):
-            key = tuple(units[start:start + length]) if not isinstance(units, str) else units[start:start + length]
+            key = tuple(units[start : start + length]) if not isinstance(units, str) else units[start : start + length]
             first = seen.setdefault(key, start)
             if start - first >= length:
                 found = True
@@ -178,10 +415,17 @@ def speaks_as_user(message: str, reply: str, lang: str) -> bool:
 def blames(reply: str, lang: str) -> bool:
     """Blame or a lecture in a statement; a question ("Do you have to move?") is not one."""
     if lang == "zh":
-        return any(w in sentence for sentence in _SENTENCE_ZH.findall(reply) if not sentence.endswith(("?", "？"))
-                   for w in BLAME_ZH)
-    return any(BLAME_EN.search(sentence) for sentence in _SENTENCE_EN.findall(reply.replace("’", "'"))
-               if not sentence.endswith("?"))
+        return any(
+            w in sentence
+            for sentence in _SENTENCE_ZH.findall(reply)
+            if not sentence.endswith(("?", "？"))
+            for w in BLAME_ZH
+        )
+    return any(
+        BLAME_EN.search(sentence)
+        for sentence in _SENTENCE_EN.findall(reply.replace("’", "'"))
+        if not sentence.endswith("?")
+    )
 
 
 def check_reply(message: str, reply: str, lang: str, sentiment: str) -> list[str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..roles.prompts import LABELS
 
@@ -42,7 +42,9 @@ def read_jsonl(path: str | Path, *, require_label: bool = False, field: str = "t
                 if isinstance(label, str):
                     label = label.strip().lower()
                 if label not in LABELS:
-                    raise DataError(f"{path} line {number}: 'label' must be one of {', '.join(LABELS)}, got {obj.get('label')!r}")
+                    raise DataError(
+                        f"{path} line {number}: 'label' must be one of {', '.join(LABELS)}, got {obj.get('label')!r}"
+                    )
                 obj["label"] = label
             yield number, obj
 

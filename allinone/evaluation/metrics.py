@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,16 +15,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def summarize(items: Sequence[dict], predictions: Sequence[str], latencies_ms: Sequence[float]) -> dict:
-    correct = [p == item["label"] for item, p in zip(items, predictions)]
+    correct = [p == item["label"] for item, p in zip(items, predictions, strict=True)]
 
     def grouped(key: str) -> dict:
         groups: dict[str, list[bool]] = defaultdict(list)
-        for item, ok in zip(items, correct):
+        for item, ok in zip(items, correct, strict=True):
             groups[str(item.get(key, "?"))].append(ok)
         return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())}
 
     confusion = {gold: {pred: 0 for pred in LABELS} for gold in LABELS}
-    for item, p in zip(items, predictions):
+    for item, p in zip(items, predictions, strict=True):
         confusion[item["label"]][p] += 1
     return {
         "n": len(items),
@@ -32,14 +32,19 @@ def summarize(items: Sequence[dict], predictions: Sequence[str], latencies_ms: S
         "by_lang": grouped("lang"),
         "by_source": grouped("source"),
         "confusion": confusion,  # confusion[gold][predicted]
-        "latency_ms": {"p50": percentile(latencies_ms, 50), "p95": percentile(latencies_ms, 95),
-                       "mean": float(np.mean(latencies_ms)) if len(latencies_ms) else None},
+        "latency_ms": {
+            "p50": percentile(latencies_ms, 50),
+            "p95": percentile(latencies_ms, 95),
+            "mean": float(np.mean(latencies_ms)) if len(latencies_ms) else None,
+        },
     }
 
 
 def format_report(report: dict) -> str:
-    lines = [f"n = {report['n']}   accuracy = {report['accuracy']:.3f}   "
-             f"latency p50 = {report['latency_ms']['p50']:.0f} ms, p95 = {report['latency_ms']['p95']:.0f} ms"]
+    lines = [
+        f"n = {report['n']}   accuracy = {report['accuracy']:.3f}   "
+        f"latency p50 = {report['latency_ms']['p50']:.0f} ms, p95 = {report['latency_ms']['p95']:.0f} ms"
+    ]
     for key in ("by_lang", "by_source"):
         lines.append(f"{key[3:]}:")
         for name, g in report[key].items():
@@ -64,8 +69,15 @@ def calibration(probabilities: Sequence[float], correct: Sequence[bool], bins: i
         if members.any():
             confidence, accuracy = float(p[members].mean()), float(ok[members].mean())
             ece += members.mean() * abs(confidence - accuracy)
-            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(members.sum()),
-                          "confidence": confidence, "accuracy": accuracy})
+            table.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "n": int(members.sum()),
+                    "confidence": confidence,
+                    "accuracy": accuracy,
+                }
+            )
     return {"ece": float(ece), "bins": table}
 
 
@@ -81,9 +93,15 @@ def draw_latencies(methods: dict, path: str, title: str = "") -> None:
     p50 = [methods[n]["latency_ms"]["p50"] for n in names]
     p95 = [methods[n]["latency_ms"]["p95"] for n in names]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
-    ax.barh(names, p50, xerr=[[0] * len(names), [b - a for a, b in zip(p50, p95)]], color="C0", alpha=0.7,
-            error_kw={"ecolor": "grey", "capsize": 3})
-    for i, (name, value) in enumerate(zip(names, p50)):
+    ax.barh(
+        names,
+        p50,
+        xerr=[[0] * len(names), [b - a for a, b in zip(p50, p95, strict=True)]],
+        color="C0",
+        alpha=0.7,
+        error_kw={"ecolor": "grey", "capsize": 3},
+    )
+    for i, (name, value) in enumerate(zip(names, p50, strict=True)):
         accuracy = methods[name].get("accuracy")
         label = f"{value:.0f} ms ({value / p50[0]:.1f}x)" + (f", acc {accuracy:.2f}" if accuracy is not None else "")
         ax.annotate(label, (value, i), xytext=(4, -10), textcoords="offset points", fontsize=8)
@@ -106,8 +124,13 @@ def draw_reliability(calib: dict, path: str, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfect calibration")
     centres = [b["confidence"] for b in calib["bins"]]
-    ax.bar([(b["low"] + b["high"]) / 2 for b in calib["bins"]], [b["accuracy"] for b in calib["bins"]],
-           width=0.09, alpha=0.6, label="observed accuracy")
+    ax.bar(
+        [(b["low"] + b["high"]) / 2 for b in calib["bins"]],
+        [b["accuracy"] for b in calib["bins"]],
+        width=0.09,
+        alpha=0.6,
+        label="observed accuracy",
+    )
     ax.plot(centres, [b["accuracy"] for b in calib["bins"]], "o-", color="C1", label="bin mean confidence")
     for b in calib["bins"]:
         ax.annotate(str(b["n"]), ((b["low"] + b["high"]) / 2, b["accuracy"]), ha="center", va="bottom", fontsize=8)

@@ -17,8 +17,14 @@ class OriginalRecipe:
 
         # Our transformers engine only loads the weights (a GGUF is dequantised to float32); the
         # recipe below uses nothing of ours: Hugging Face's tokenizer and generate().
-        self.engine = TransformersEngine(model_path, dtype="float32", threads=settings.threads, n_lanes=1,
-                                         context_size=settings.context_size, batch_size=settings.batch_size)
+        self.engine = TransformersEngine(
+            model_path,
+            dtype="float32",
+            threads=settings.threads,
+            n_lanes=1,
+            context_size=settings.context_size,
+            batch_size=settings.batch_size,
+        )
         self.model, self.tokenizer = self.engine.hf_model, self.engine.hf_tokenizer
         self.prompt_template = prompt_template
         self.max_new_tokens = max_new_tokens
@@ -28,7 +34,8 @@ class OriginalRecipe:
 
         inputs = self.tokenizer(self.prompt_template.replace("{text}", text), return_tensors="pt")
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=self.tokenizer.eos_token_id)
-        generated = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            output = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.eos_token_id
+            )
+        generated = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return label_from_generated(generated)

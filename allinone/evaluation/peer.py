@@ -18,8 +18,16 @@ GRAMMAR = 'root ::= " Positive" | " Negative"'
 
 
 class LlamaServerPeer:
-    def __init__(self, binary: Path, model: Path, prompt_template: str, *, threads: int,
-                 context_size: int = 4096, startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        binary: Path,
+        model: Path,
+        prompt_template: str,
+        *,
+        threads: int,
+        context_size: int = 4096,
+        startup_timeout: float = 120.0,
+    ):
         if not Path(binary).is_file():
             raise FileNotFoundError(f"llama-server not found at {binary} (build it with `make llama-server`)")
         self.prompt_template = prompt_template
@@ -29,15 +37,31 @@ class LlamaServerPeer:
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
-            [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-             "--threads", str(threads), "--ctx-size", str(context_size), "--parallel", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                str(binary),
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--threads",
+                str(threads),
+                "--ctx-size",
+                str(context_size),
+                "--parallel",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.client = httpx.Client(timeout=120.0)
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError("llama-server exited at start: "
-                                   + self.process.stderr.read().decode(errors="replace")[-1500:])
+                raise RuntimeError(
+                    "llama-server exited at start: " + self.process.stderr.read().decode(errors="replace")[-1500:]
+                )
             try:
                 if self.client.get(self.url + "/health").status_code == 200:
                     break
@@ -49,9 +73,16 @@ class LlamaServerPeer:
             time.sleep(0.2)
 
     def analyze(self, text: str) -> BaselineResult:
-        reply = self.client.post(self.url + "/completion", json={
-            "prompt": self.prompt_template.replace("{text}", text), "n_predict": 1, "temperature": 0,
-            "grammar": GRAMMAR, "cache_prompt": True})
+        reply = self.client.post(
+            self.url + "/completion",
+            json={
+                "prompt": self.prompt_template.replace("{text}", text),
+                "n_predict": 1,
+                "temperature": 0,
+                "grammar": GRAMMAR,
+                "cache_prompt": True,
+            },
+        )
         reply.raise_for_status()
         return label_from_generated(reply.json().get("content", ""))
 

@@ -26,8 +26,9 @@ class RawLlamaCpp:
 
         self.model = Path(model_path)
         self.prompt_template = prompt_template
-        self.llm = Llama(model_path=str(model_path), n_ctx=context_size, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+        self.llm = Llama(
+            model_path=str(model_path), n_ctx=context_size, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
 
     def analyze(self, text: str) -> BaselineResult:
         out = self.llm.create_completion(self.prompt_template.replace("{text}", text), max_tokens=10, temperature=0)

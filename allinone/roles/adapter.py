@@ -52,15 +52,21 @@ class ChatAdapter:
             tmp.write_bytes(Path(self.path).read_bytes())
             tmp.replace(target)
         manifest = directory / self.manifest_name(self.model_sha256, self.prompt)
-        payload = {"format": ADAPTER_FORMAT, "model_sha256": self.model_sha256, "prompt": self.prompt,
-                   "adapter": target.name, "sha256": file_sha256(target), "info": self.info}
+        payload = {
+            "format": ADAPTER_FORMAT,
+            "model_sha256": self.model_sha256,
+            "prompt": self.prompt,
+            "adapter": target.name,
+            "sha256": file_sha256(target),
+            "info": self.info,
+        }
         tmp = manifest.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1))
         tmp.replace(manifest)
         return manifest
 
     @classmethod
-    def load(cls, manifest: Path) -> "ChatAdapter":
+    def load(cls, manifest: Path) -> ChatAdapter:
         try:
             payload = json.loads(Path(manifest).read_text())
             if payload.get("format") != ADAPTER_FORMAT:
@@ -70,17 +76,24 @@ class ChatAdapter:
                 raise AdapterError(f"{manifest}: its adapter file {path.name} is missing")
             actual = file_sha256(path)
             if actual != payload["sha256"]:
-                raise AdapterError(f"{path}: sha256 {actual[:12]}… is not the manifest's {payload['sha256'][:12]}…; "
-                                   "the file is damaged or was replaced")
-            return cls(model_sha256=payload["model_sha256"], prompt=payload["prompt"], path=path,
-                       sha256=actual, info=payload.get("info", {}))
+                raise AdapterError(
+                    f"{path}: sha256 {actual[:12]}… is not the manifest's {payload['sha256'][:12]}…; "
+                    "the file is damaged or was replaced"
+                )
+            return cls(
+                model_sha256=payload["model_sha256"],
+                prompt=payload["prompt"],
+                path=path,
+                sha256=actual,
+                info=payload.get("info", {}),
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             if isinstance(err, AdapterError):
                 raise
             raise AdapterError(f"{manifest}: not a chat adapter manifest ({err})") from None
 
     @classmethod
-    def find(cls, model_sha256: str, prompt: str, user_dir: Path) -> "ChatAdapter | None":
+    def find(cls, model_sha256: str, prompt: str, user_dir: Path) -> ChatAdapter | None:
         """The user's adapter for this model and chat prompt if there is one, else a packaged one."""
         name = cls.manifest_name(model_sha256, prompt)
         for directory in (user_dir, PACKAGED_ADAPTERS):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..conversation.history import Turn, fit_turns
 from ..engine.base import Engine, Sampling
@@ -54,8 +54,10 @@ class ChatRole:
             return frozenset()
         if self._east_asian_tokens is None:  # one pass over the vocabulary (~0.3 s), once
             self._east_asian_tokens = frozenset(
-                t for t in range(self.engine.n_vocab)
-                if t not in self.engine.eog_tokens and _is_east_asian(self.engine.token_bytes(t)))
+                t
+                for t in range(self.engine.n_vocab)
+                if t not in self.engine.eog_tokens and _is_east_asian(self.engine.token_bytes(t))
+            )
         return self._east_asian_tokens
 
     def _tag(self, message: str, label: str | None) -> str:
@@ -80,12 +82,18 @@ class ChatRole:
     def reading_point(self) -> ReadingPoint:
         """Where a head for the respond flow's shared pass reads (for training it): the end of
         the message, as the first message of a conversation."""
+
         def tokens(text: str) -> list[int]:
             ids, _, message_end = self.prompt_tokens([], text, None, 1)
             return ids[:message_end]
 
-        return ReadingPoint(key=self.head_key, engine=self.engine, lane=self.lane, tokens=tokens,
-                            adapter=self.adapter.path if self.adapter is not None else None)
+        return ReadingPoint(
+            key=self.head_key,
+            engine=self.engine,
+            lane=self.lane,
+            tokens=tokens,
+            adapter=self.adapter.path if self.adapter is not None else None,
+        )
 
     def _turn_content(self, turn: Turn) -> str | tuple[str, ...]:
         parts = self.user_parts(turn.message, turn.sentiment)
@@ -105,11 +113,14 @@ class ChatRole:
 
     def text_messages(self, turns: Sequence[Turn], message: str, label: str) -> list[dict]:
         """The same messages with each content as one string, as other chat APIs take them."""
-        return [{**m, "content": m["content"] if isinstance(m["content"], str) else "".join(m["content"])}
-                for m in self.messages(turns, self.user_parts(message, label))]
+        return [
+            {**m, "content": m["content"] if isinstance(m["content"], str) else "".join(m["content"])}
+            for m in self.messages(turns, self.user_parts(message, label))
+        ]
 
-    def prompt_tokens(self, turns: Sequence[Turn], message: str, label: str | None,
-                      reply_max_tokens: int) -> tuple[list[int], int, int]:
+    def prompt_tokens(
+        self, turns: Sequence[Turn], message: str, label: str | None, reply_max_tokens: int
+    ) -> tuple[list[int], int, int]:
         """Token ids of the prompt; how many of the oldest turns had to be dropped to leave room
         for the reply; and where the message ends in the ids (the tokens before that do not
         depend on `label`). The system prompt and the new message are never dropped. With
@@ -129,20 +140,23 @@ class ChatRole:
             dropped = fit_turns(turns, lambda kept: len(render(kept)[0]), budget)
             tokens, ends = render(turns[dropped:])
         if len(tokens) > budget:
-            raise InputError(f"the message needs {len(tokens)} tokens with the system prompt; "
-                             f"only {budget} fit beside a {reply_max_tokens}-token reply")
+            raise InputError(
+                f"the message needs {len(tokens)} tokens with the system prompt; "
+                f"only {budget} fit beside a {reply_max_tokens}-token reply"
+            )
         return tokens, dropped, ends[-1][1]
 
     def warm_prefix(self) -> None:
         """Leave the lane holding just the prompt's fixed beginning (system prompt, examples): the
         state a new conversation finds (used to time the respond flow fairly)."""
         tokens, ends = self.template.tokens_and_ends(self.messages([], self.user_parts("", "positive")))
-        self.engine.logits(tokens[:ends[-1][0]], lane=self.lane)
+        self.engine.logits(tokens[: ends[-1][0]], lane=self.lane)
 
     def lane_context_size(self) -> int:
         return self.engine.lane_context_size(self.lane)
 
-    def stream(self, tokens: Sequence[int], sampling: Sampling, stop: Sequence[str] = (),
-               should_stop=None) -> TextStream:
+    def stream(
+        self, tokens: Sequence[int], sampling: Sampling, stop: Sequence[str] = (), should_stop=None
+    ) -> TextStream:
         generation = self.engine.generate(tokens, sampling, lane=self.lane, should_stop=should_stop)
         return TextStream(self.engine.token_bytes, generation, stop=[*_STOP_STRINGS, *stop])

@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class HeadError(ValueError):
 
 def normalise(hidden: np.ndarray) -> np.ndarray:
     hidden = np.asarray(hidden, dtype=np.float64)
-    return hidden / np.sqrt(np.mean(hidden ** 2, axis=-1, keepdims=True) + 1e-6)
+    return hidden / np.sqrt(np.mean(hidden**2, axis=-1, keepdims=True) + 1e-6)
 
 
 @dataclass
@@ -103,37 +103,51 @@ class SentimentHead:
             tmp.replace(adapter)
         elif self.adapter is None and adapter.exists():
             adapter.unlink()
-        payload = {"format": HEAD_FORMAT, "model_sha256": self.model_sha256, "prompt": self.prompt,
-                   "layers": self.layers, "bias": self.bias, "info": self.info,
-                   "adapter": adapter.name if self.adapter is not None else None,
-                   "weights": [float(x) for x in self.weights]}
+        payload = {
+            "format": HEAD_FORMAT,
+            "model_sha256": self.model_sha256,
+            "prompt": self.prompt,
+            "layers": self.layers,
+            "bias": self.bias,
+            "info": self.info,
+            "adapter": adapter.name if self.adapter is not None else None,
+            "weights": [float(x) for x in self.weights],
+        }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1))
         tmp.replace(path)
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "SentimentHead":
+    def load(cls, path: Path) -> SentimentHead:
         try:
             payload = json.loads(Path(path).read_text())
             if payload.get("format") not in (2, HEAD_FORMAT):
-                raise HeadError(f"{path}: head format {payload.get('format')!r} is not {HEAD_FORMAT}; "
-                                "train it again with `allinone train-head`")
+                raise HeadError(
+                    f"{path}: head format {payload.get('format')!r} is not {HEAD_FORMAT}; "
+                    "train it again with `allinone train-head`"
+                )
             adapter = None
             if payload.get("adapter"):
                 adapter = Path(path).parent / Path(payload["adapter"]).name
                 if not adapter.is_file():
                     raise HeadError(f"{path}: its LoRA adapter {adapter.name} is missing")
-            return cls(model_sha256=payload["model_sha256"], prompt=payload["prompt"],
-                       layers=int(payload["layers"]), weights=np.asarray(payload["weights"], dtype=np.float64),
-                       bias=float(payload["bias"]), info=payload.get("info", {}), adapter=adapter)
+            return cls(
+                model_sha256=payload["model_sha256"],
+                prompt=payload["prompt"],
+                layers=int(payload["layers"]),
+                weights=np.asarray(payload["weights"], dtype=np.float64),
+                bias=float(payload["bias"]),
+                info=payload.get("info", {}),
+                adapter=adapter,
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             if isinstance(err, HeadError):
                 raise
             raise HeadError(f"{path}: not a sentiment head ({err})") from None
 
     @classmethod
-    def find(cls, model_sha256: str, prompt: str, user_dir: Path) -> "SentimentHead | None":
+    def find(cls, model_sha256: str, prompt: str, user_dir: Path) -> SentimentHead | None:
         """The user's own head for this model and prompt if there is one, else a packaged one."""
         name = cls.filename(model_sha256, prompt)
         for directory in (user_dir, PACKAGED_HEADS):
@@ -144,8 +158,10 @@ class SentimentHead:
     # ---- use --------------------------------------------------------------------------------
     def check_fits(self, n_layers: int, n_embd: int) -> None:
         if not 0 < self.layers < n_layers or self.weights.shape != (n_embd,):
-            raise HeadError(f"the head (after block {self.layers}, width {self.weights.shape[0]}) does not fit "
-                            f"a model with {n_layers} blocks of width {n_embd}")
+            raise HeadError(
+                f"the head (after block {self.layers}, width {self.weights.shape[0]}) does not fit "
+                f"a model with {n_layers} blocks of width {n_embd}"
+            )
 
     def positive_probability(self, hidden: np.ndarray) -> float:
         return _sigmoid(float(normalise(hidden) @ self.weights) + self.bias)
@@ -214,14 +230,17 @@ MIN_EXAMPLES = 20
 MIN_PER_LABEL = 5
 
 
-def collect_features(point: ReadingPoint, texts: Sequence[str], layers: int,
-                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+def collect_features(
+    point: ReadingPoint, texts: Sequence[str], layers: int, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
     """Normalised residual streams after `layers` blocks at the reading point."""
     running = point.engine.lane_adapter.get(point.lane)
     if running != point.adapter:
-        raise HeadError(f"the lane runs with {running.name if running else 'the model’s own weights'}, not with "
-                        f"{point.adapter.name if point.adapter else 'the model’s own weights'}: the head would read "
-                        "other weights than the ones it is meant for")
+        raise HeadError(
+            f"the lane runs with {running.name if running else 'the model’s own weights'}, not with "
+            f"{point.adapter.name if point.adapter else 'the model’s own weights'}: the head would read "
+            "other weights than the ones it is meant for"
+        )
     rows = []
     for text in texts:
         rows.append(normalise(point.engine.hidden_state(point.tokens(text), layers, lane=point.lane)))
@@ -254,9 +273,18 @@ def stratified_holdout(y: np.ndarray, share: float, seed: int) -> np.ndarray:
     return held
 
 
-def train_head(point: ReadingPoint, texts: Sequence[str], labels: Sequence[str], *, model_sha256: str,
-               layers: int | None = None, holdout: float = 0.2, seed: int = 0,
-               progress: Callable[[int], None] | None = None, source: str = "") -> tuple[SentimentHead, dict]:
+def train_head(
+    point: ReadingPoint,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    model_sha256: str,
+    layers: int | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    source: str = "",
+) -> tuple[SentimentHead, dict]:
     """Fit a head on texts/labels. A stratified `holdout` share is kept aside first to report
     honest accuracy (head vs the prompt alone, when the point has one: one full scoring pass per
     held-out text); the head returned is then refitted on everything. `progress` is called once
@@ -278,13 +306,18 @@ def train_head(point: ReadingPoint, texts: Sequence[str], labels: Sequence[str],
         prompt_right.append((point.prompt_alone(texts[i]) >= 0.5) == (y[i] == 1))
         if progress:
             progress(1)
-    report = {"examples": int(len(y)), "heldout": int(held.sum()), "layers": layers,
-              "heldout_accuracy_head": float(np.mean(head_right)),
-              "heldout_accuracy_prompt": float(np.mean(prompt_right)) if prompt_right else None}
+    report = {
+        "examples": int(len(y)),
+        "heldout": int(held.sum()),
+        "layers": layers,
+        "heldout_accuracy_head": float(np.mean(head_right)),
+        "heldout_accuracy_prompt": float(np.mean(prompt_right)) if prompt_right else None,
+    }
     final = train_parameters(features, y, seed=seed)
     report["l2"] = final.l2
     report["seconds"] = round(time.perf_counter() - started, 1)
     info = {**report, "source": source, "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    head = SentimentHead(model_sha256=model_sha256, prompt=point.key, layers=layers,
-                         weights=final.weights, bias=final.bias, info=info)
+    head = SentimentHead(
+        model_sha256=model_sha256, prompt=point.key, layers=layers, weights=final.weights, bias=final.bias, info=info
+    )
     return head, report

@@ -9,7 +9,7 @@ LATIN_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")  # an English word, apostro
 
 
 def detect_language(text: str) -> str:
-    """"zh" when Chinese characters carry the text, "en" for Latin script, "none" for neither."""
+    """ "zh" when Chinese characters carry the text, "en" for Latin script, "none" for neither."""
     cjk = len(_CJK.findall(text))
     latin = sum(len(w) for w in LATIN_WORD.findall(text))
     if cjk == 0 and latin == 0:

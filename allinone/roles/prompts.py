@@ -92,9 +92,9 @@ SENTIMENT_PROMPTS: dict[str, SentimentPrompt] = {
             name="original",
             description="The original recipe's prompt, verbatim, as plain text (no chat template).",
             format="plain",
-            template='你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 '
-                     '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。 '
-                     '用户输入:{text} 分析结果:',
+            template="你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 "
+            '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。 '
+            "用户输入:{text} 分析结果:",
             # After "分析结果:" the model continues with a space: " Positive" / " Negative" are
             # single tokens in Qwen's vocabulary; the space-less ones score wrongly here.
             label_words={"positive": " Positive", "negative": " Negative"},
@@ -102,21 +102,21 @@ SENTIMENT_PROMPTS: dict[str, SentimentPrompt] = {
         SentimentPrompt(
             name="fewshot",
             description="The original instructions and format, with eight short labelled examples from "
-                        "the training split (both languages, mixed reviews included) in the cached prefix.",
+            "the training split (both languages, mixed reviews included) in the cached prefix.",
             format="plain",
-            template='你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 '
-                     '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。\n'
-                     + "".join(f"用户输入:{text} 分析结果: {label}\n" for text, label in _FEWSHOT_EXAMPLES)
-                     + '用户输入:{text} 分析结果:',
+            template="你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 "
+            '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。\n'
+            + "".join(f"用户输入:{text} 分析结果: {label}\n" for text, label in _FEWSHOT_EXAMPLES)
+            + "用户输入:{text} 分析结果:",
             label_words={"positive": " Positive", "negative": " Negative"},
         ),
         SentimentPrompt(
             name="original-chat",
             description="The original instructions as the system turn of the model's chat template; "
-                        "the text is the user turn; the assistant's first token is scored.",
+            "the text is the user turn; the assistant's first token is scored.",
             format="chat",
-            system='你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 '
-                   '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。',
+            system="你是一个冷酷的情感分析师。你的任务是对用户的每一条输入进行严格的情绪判断。 "
+            '只允许输出两种结果:"Positive" 或 "Negative",不得添加任何解释或标点。',
             template="{text}",
             # At the start of the assistant turn there is no leading space.
             label_words={"positive": "Positive", "negative": "Negative"},
@@ -136,24 +136,35 @@ CHAT_PROMPTS: dict[str, ChatPrompt] = {
         ChatPrompt(
             name="warm",
             description="A caring friend: same language as the user, 1-3 short sentences, no lists; the "
-                        "detected mood follows the message; four example exchanges (ours) set the tone.",
+            "detected mood follows the message; four example exchanges (ours) set the tone.",
             system="你是一个温暖、体贴的朋友。用户会分享生活里的好消息或坏消息,消息后面的括号里是检测到的情绪。"
-                   "用和用户相同的语言回复:用户写中文就用中文,用户写英文就用英文。"
-                   "只说一到三句简短、自然、真诚的话:好消息就真心为对方高兴,坏消息就先表示理解和安慰。"
-                   "不要重复用户的话,不要提情绪标签,不要列清单,不要用 Markdown。",
+            "用和用户相同的语言回复:用户写中文就用中文,用户写英文就用英文。"
+            "只说一到三句简短、自然、真诚的话:好消息就真心为对方高兴,坏消息就先表示理解和安慰。"
+            "不要重复用户的话,不要提情绪标签,不要列清单,不要用 Markdown。",
             user_template="{message}\n({tag})",
             tags={"positive": "mood: positive", "negative": "mood: negative"},
-            tags_by_language={"zh": {"positive": "情绪:正面", "negative": "情绪:负面"},
-                              "en": {"positive": "mood: positive", "negative": "mood: negative"}},
+            tags_by_language={
+                "zh": {"positive": "情绪:正面", "negative": "情绪:负面"},
+                "en": {"positive": "mood: positive", "negative": "mood: negative"},
+            },
             examples=(
-                ("I finally fixed the old bike my dad gave me!", "positive",
-                 "That's so satisfying, nice work! I bet it feels special to ride it again."),
-                ("我养的多肉终于开花了!", "positive",
-                 "哇,多肉开花可不常见,你的用心照顾有回报啦!记得拍张照片留念。"),
-                ("I missed the bus and was late for my exam.", "negative",
-                 "Oh no, what a stressful start to the day. I'm sorry that happened. Were you still able to sit the exam?"),
-                ("最近加班太多,感觉身体被掏空了。", "negative",
-                 "连续加班真的太消耗人了,辛苦你了。今晚能早点休息吗?身体比什么都重要。"),
+                (
+                    "I finally fixed the old bike my dad gave me!",
+                    "positive",
+                    "That's so satisfying, nice work! I bet it feels special to ride it again.",
+                ),
+                ("我养的多肉终于开花了!", "positive", "哇,多肉开花可不常见,你的用心照顾有回报啦!记得拍张照片留念。"),
+                (
+                    "I missed the bus and was late for my exam.",
+                    "negative",
+                    "Oh no, what a stressful start to the day. I'm sorry that happened. "
+                    "Were you still able to sit the exam?",
+                ),
+                (
+                    "最近加班太多,感觉身体被掏空了。",
+                    "negative",
+                    "连续加班真的太消耗人了,辛苦你了。今晚能早点休息吗?身体比什么都重要。",
+                ),
             ),
         ),
     ]

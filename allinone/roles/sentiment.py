@@ -34,11 +34,15 @@ class Sentiment:
         return asdict(self)
 
     @classmethod
-    def from_positive(cls, positive: float, latency_ms: float, truncated: bool = False) -> "Sentiment":
+    def from_positive(cls, positive: float, latency_ms: float, truncated: bool = False) -> Sentiment:
         """The more likely label, given the probability of "positive"."""
         label = "positive" if positive >= 0.5 else "negative"
-        return cls(label=label, probability=float(positive if label == "positive" else 1.0 - positive),
-                   latency_ms=latency_ms, truncated=truncated)
+        return cls(
+            label=label,
+            probability=float(positive if label == "positive" else 1.0 - positive),
+            latency_ms=latency_ms,
+            truncated=truncated,
+        )
 
 
 def validate_text(text, max_chars: int) -> str:
@@ -61,8 +65,15 @@ class _Positive:
 
 
 class SentimentAnalyst:
-    def __init__(self, engine: Engine, prompt: SentimentPrompt, *, lane: int = 0,
-                 max_text_chars: int = 20_000, max_text_tokens: int = 1024):
+    def __init__(
+        self,
+        engine: Engine,
+        prompt: SentimentPrompt,
+        *,
+        lane: int = 0,
+        max_text_chars: int = 20_000,
+        max_text_tokens: int = 1024,
+    ):
         self.engine = engine
         self.prompt = prompt
         self.lane = lane
@@ -132,7 +143,7 @@ class SentimentAnalyst:
             # Keep the head and the tail: reviews tend to open with context and close with the
             # verdict; the middle matters least.
             head = self.max_text_tokens // 2
-            text_ids = text_ids[:head] + text_ids[len(text_ids) - (self.max_text_tokens - head):]
+            text_ids = text_ids[:head] + text_ids[len(text_ids) - (self.max_text_tokens - head) :]
         return self._before + text_ids + self._after, truncated
 
     def use_head(self, head) -> None:
@@ -143,9 +154,13 @@ class SentimentAnalyst:
 
     def reading_point(self) -> ReadingPoint:
         """Where a head for this analyst reads (for training it): the scoring position."""
-        return ReadingPoint(key=self.prompt.name, engine=self.engine, lane=self.lane,
-                            tokens=lambda text: self.prompt_tokens(text)[0],
-                            prompt_alone=lambda text: self.positive_probability(text, use_head=False).value)
+        return ReadingPoint(
+            key=self.prompt.name,
+            engine=self.engine,
+            lane=self.lane,
+            tokens=lambda text: self.prompt_tokens(text)[0],
+            prompt_alone=lambda text: self.positive_probability(text, use_head=False).value,
+        )
 
     def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
         self._weights_for(False)
@@ -158,7 +173,7 @@ class SentimentAnalyst:
         positive = self.positive_probability(text, use_head=use_head)
         return Sentiment.from_positive(positive.value, (time.perf_counter() - start) * 1000, positive.truncated)
 
-    def positive_probability(self, text: str, *, use_head: bool = True) -> "_Positive":
+    def positive_probability(self, text: str, *, use_head: bool = True) -> _Positive:
         if self.head is not None and use_head:
             self._weights_for(True)
             tokens, truncated = self.prompt_tokens(text)
@@ -179,5 +194,6 @@ class SentimentAnalyst:
         generation = self.engine.generate(tokens, Sampling(max_tokens=max_tokens), lane=self.lane)
         output = self.engine.detokenize(list(generation))
         label = "positive" if "Positive" in output else "negative"
-        return Sentiment(label=label, probability=None,
-                         latency_ms=(time.perf_counter() - start) * 1000, truncated=truncated)
+        return Sentiment(
+            label=label, probability=None, latency_ms=(time.perf_counter() - start) * 1000, truncated=truncated
+        )

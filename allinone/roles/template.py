@@ -10,7 +10,7 @@ the prefix cache hitting as a conversation grows.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -41,14 +41,16 @@ class ChatTemplate:
         self._special = engine.special_token_texts
 
     def render_text(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     **self._special)
+        return self._template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self._special
+        )
 
     def tokens(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
         return self.tokens_and_ends(messages, add_generation_prompt=add_generation_prompt)[0]
 
-    def tokens_and_ends(self, messages: Sequence[dict], *,
-                        add_generation_prompt: bool = True) -> tuple[list[int], list[list[int]]]:
+    def tokens_and_ends(
+        self, messages: Sequence[dict], *, add_generation_prompt: bool = True
+    ) -> tuple[list[int], list[list[int]]]:
         """Token ids, and for each message where each piece of its content ends (a token index).
 
         A content may be a string or a tuple of strings, each tokenized on its own: the chat role
@@ -61,7 +63,7 @@ class ChatTemplate:
         ends: list[list[int]] = [[] for _ in messages]
         pos = 0
         for match in _PLACEHOLDER_RE.finditer(rendered):
-            ids += self._engine.tokenize(rendered[pos:match.start()], special=True)
+            ids += self._engine.tokenize(rendered[pos : match.start()], special=True)
             index = int(match.group(1))
             content = messages[index]["content"]
             for piece in (content,) if isinstance(content, str) else content:

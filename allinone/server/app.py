@@ -45,15 +45,25 @@ def is_loopback(host: str) -> bool:
 def check_bind(settings: Settings) -> None:
     """Refuse to listen beyond loopback without an API key."""
     if not is_loopback(settings.host) and not (settings.api_key and settings.api_key.get_secret_value()):
-        raise ValueError(f"refusing to listen on {settings.host}: binding beyond loopback requires an API key "
-                         "(set ALLINONE_API_KEY; clients send `Authorization: Bearer <key>`)")
+        raise ValueError(
+            f"refusing to listen on {settings.host}: binding beyond loopback requires an API key "
+            "(set ALLINONE_API_KEY; clients send `Authorization: Bearer <key>`)"
+        )
 
 
 def create_app(assistant, settings: Settings, *, store: SessionStore | None = None) -> FastAPI:
-    store = store or SessionStore(settings.resolved_session_db(), max_turns=settings.session_max_turns,
-                                  idle_seconds=settings.session_idle_hours * 3600)
-    server = Server(assistant=assistant, settings=settings, store=store,
-                    worker=Worker(settings.queue_size, settings.request_timeout), created=int(time.time()))
+    store = store or SessionStore(
+        settings.resolved_session_db(),
+        max_turns=settings.session_max_turns,
+        idle_seconds=settings.session_idle_hours * 3600,
+    )
+    server = Server(
+        assistant=assistant,
+        settings=settings,
+        store=store,
+        worker=Worker(settings.queue_size, settings.request_timeout),
+        created=int(time.time()),
+    )
     worker, metrics = server.worker, server.metrics
     metrics.gauge("allinone_queue_depth", "Requests waiting for the model.", worker.depth)
     metrics.gauge("allinone_queue_size", "Capacity of the wait queue.", lambda: worker.queue_size)
@@ -70,16 +80,25 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
             store.close()
 
     # No /docs or /redoc: they load their assets from a CDN. The schema is at /openapi.json.
-    app = FastAPI(title="allinone", version=package_version(), lifespan=lifespan, responses=ERROR_RESPONSES,
-                  docs_url=None, redoc_url=None,
-                  description="Sentiment analysis and empathetic chat with one small Qwen model on CPU.")
+    app = FastAPI(
+        title="allinone",
+        version=package_version(),
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        docs_url=None,
+        redoc_url=None,
+        description="Sentiment analysis and empathetic chat with one small Qwen model on CPU.",
+    )
     app.state.server = server
     if settings.cors_origins.strip():
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")
-                                                          if o.strip()],
-                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(Guard, settings=settings, metrics=metrics)
     install_error_handlers(app)
     for area in (page, sentiment, respond, sessions, openai):
@@ -95,5 +114,6 @@ def serve(assistant, settings: Settings) -> None:
     check_bind(settings)
     app = create_app(assistant, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
-                access_log=False)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5, access_log=False
+    )

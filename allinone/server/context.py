@@ -9,8 +9,9 @@ import dataclasses
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
@@ -75,8 +76,12 @@ class Server:
                 return
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                raise ApiError(401, "missing or wrong API key (send `Authorization: Bearer <key>`)",
-                               "authentication_error", {"WWW-Authenticate": "Bearer"})
+                raise ApiError(
+                    401,
+                    "missing or wrong API key (send `Authorization: Bearer <key>`)",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                )
 
         return [Depends(authorized)]
 
@@ -84,9 +89,12 @@ class Server:
     def sampling(self, body, base: Sampling, max_tokens: int) -> Sampling:
         """`base` with what the request names (temperature, top_p, seed) and the reply length."""
         return dataclasses.replace(
-            base, max_tokens=max_tokens, seed=body.seed,
+            base,
+            max_tokens=max_tokens,
+            seed=body.seed,
             temperature=base.temperature if body.temperature is None else body.temperature,
-            top_p=base.top_p if body.top_p is None else body.top_p)
+            top_p=base.top_p if body.top_p is None else body.top_p,
+        )
 
     # ---- jobs ----
     def submit(self, fn: Callable[[Job], None], name: str) -> Job:
@@ -127,8 +135,9 @@ class Server:
             deltas, done = await self.collect_reply(job)
         return first, deltas, done
 
-    async def stream(self, request: Request, job: Job,
-                     frames: Callable[[tuple[str, Any], Events], AsyncIterator[bytes]]) -> StreamingResponse:
+    async def stream(
+        self, request: Request, job: Job, frames: Callable[[tuple[str, Any], Events], AsyncIterator[bytes]]
+    ) -> StreamingResponse:
         """Relay a job as Server-Sent Events. Its first event is awaited before answering, so an
         error raised before it (busy, bad input) is still a plain HTTP error; `frames(first,
         rest)` renders the events. The job is cancelled when the client goes or the stream ends."""
@@ -153,7 +162,11 @@ class Server:
 
 def sentiment_json(sentiment) -> dict:
     """A roles.sentiment.Sentiment as the API shows it."""
-    return {"label": sentiment.label,
-            "probability": None if sentiment.probability is None else round(sentiment.probability, 6),
-            "latency_ms": round(sentiment.latency_ms, 2), "truncated": sentiment.truncated,
-            "emoji": LABEL_DISPLAY[sentiment.label]["emoji"], "display": sentiment_display(sentiment.label)}
+    return {
+        "label": sentiment.label,
+        "probability": None if sentiment.probability is None else round(sentiment.probability, 6),
+        "latency_ms": round(sentiment.latency_ms, 2),
+        "truncated": sentiment.truncated,
+        "emoji": LABEL_DISPLAY[sentiment.label]["emoji"],
+        "display": sentiment_display(sentiment.label),
+    }

@@ -17,14 +17,23 @@ from .worker import Busy, JobTimeout
 
 log = logging.getLogger("allinone.server")
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
-                 422: "invalid_request_error", 503: "server_busy", 504: "timeout"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request_error",
+    503: "server_busy",
+    504: "timeout",
+}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.headers = status, message, type_, headers or {}
 
@@ -79,8 +88,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, err: StarletteHTTPException):
         message = err.detail if isinstance(err.detail, str) else json.dumps(err.detail)
-        return error_json(err.status_code, message, _STATUS_TYPES.get(err.status_code, "http_error"),
-                          getattr(err, "headers", None))
+        return error_json(
+            err.status_code, message, _STATUS_TYPES.get(err.status_code, "http_error"), getattr(err, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request, err: Exception):

@@ -13,8 +13,11 @@ from .metrics import Metrics
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                 b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
 ]
 # Paths recorded under their own name in the metrics when no route matched them (e.g. a 413).
 KNOWN_PATHS = {"/", "/healthz", "/metrics", "/v1/sentiment", "/v1/respond", "/v1/chat/completions", "/v1/models"}
@@ -51,8 +54,12 @@ class Guard:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or (
-                scope["path"] if scope["path"] in KNOWN_PATHS else
-                "/static" if scope["path"].startswith("/static/") else "other")
+                scope["path"]
+                if scope["path"] in KNOWN_PATHS
+                else "/static"
+                if scope["path"].startswith("/static/")
+                else "other"
+            )
             self.metrics.observe_request(label, scope["method"], status["code"], time.perf_counter() - start)
 
     async def _check_body(self, scope, receive):
@@ -63,8 +70,9 @@ class Guard:
             return too_big, receive
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if scope["path"].startswith("/v1/") and not (ctype == "application/json" or ctype.endswith("+json")):
-            return error_json(415, "send the body as JSON with `Content-Type: application/json`",
-                              "unsupported_media_type"), receive
+            return error_json(
+                415, "send the body as JSON with `Content-Type: application/json`", "unsupported_media_type"
+            ), receive
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -81,8 +89,9 @@ class Guard:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as err:
-            return error_json(400, f"request body is not valid UTF-8 (byte {err.start})", "invalid_request_error"), \
-                receive
+            return error_json(
+                400, f"request body is not valid UTF-8 (byte {err.start})", "invalid_request_error"
+            ), receive
         replayed = False
 
         async def replay():

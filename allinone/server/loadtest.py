@@ -19,9 +19,14 @@ from pathlib import Path
 import httpx
 
 SAMPLE_TEXTS = [
-    "今天终于完成了项目，太开心了！", "这家餐厅的服务太差了，再也不来了。", "The movie was wonderful, I loved every minute.",
-    "I waited two hours and nobody helped me.", "快递很快，包装也很好。", "手机用了三天就坏了，非常失望。",
-    "Great value for the price.", "The update broke everything, terrible.",
+    "今天终于完成了项目，太开心了！",
+    "这家餐厅的服务太差了，再也不来了。",
+    "The movie was wonderful, I loved every minute.",
+    "I waited two hours and nobody helped me.",
+    "快递很快，包装也很好。",
+    "手机用了三天就坏了，非常失望。",
+    "Great value for the price.",
+    "The update broke everything, terrible.",
 ]
 
 
@@ -74,11 +79,23 @@ async def run(url: str, concurrency: int, duration: float, texts: list[str], api
     wall = time.perf_counter() - began
     total = sum(statuses.values())
     ok = sum(n for s, n in statuses.items() if 200 <= s < 300)
-    return {"url": url, "concurrency": concurrency, "duration_s": round(wall, 2), "requests": total,
-            "ok": ok, "non_2xx": total - ok, "transport_errors": transport_errors, "statuses": statuses,
-            "requests_per_s": round(total / wall, 2), "ok_per_s": round(ok / wall, 2),
-            "latency_ms": {"p50": round(percentile(latencies, 0.5), 1), "p95": round(percentile(latencies, 0.95), 1),
-                           "max": round(max(latencies), 1) if latencies else None}}
+    return {
+        "url": url,
+        "concurrency": concurrency,
+        "duration_s": round(wall, 2),
+        "requests": total,
+        "ok": ok,
+        "non_2xx": total - ok,
+        "transport_errors": transport_errors,
+        "statuses": statuses,
+        "requests_per_s": round(total / wall, 2),
+        "ok_per_s": round(ok / wall, 2),
+        "latency_ms": {
+            "p50": round(percentile(latencies, 0.5), 1),
+            "p95": round(percentile(latencies, 0.95), 1),
+            "max": round(max(latencies), 1) if latencies else None,
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,16 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", help="JSONL file with a `text` field per line (default: built-in samples)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = asyncio.run(run(args.url, args.concurrency, args.duration, load_texts(args.texts),
-                             os.environ.get("ALLINONE_API_KEY")))
+    report = asyncio.run(
+        run(args.url, args.concurrency, args.duration, load_texts(args.texts), os.environ.get("ALLINONE_API_KEY"))
+    )
     if args.json:
         print(json.dumps(report))
     else:
         lat = report["latency_ms"]
-        print(f"{report['requests']} requests in {report['duration_s']} s with {report['concurrency']} clients: "
-              f"{report['requests_per_s']} req/s; latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
-              f"max {lat['max']} ms; non-2xx {report['non_2xx']} {report['statuses']}; "
-              f"transport errors {report['transport_errors']}")
+        print(
+            f"{report['requests']} requests in {report['duration_s']} s with {report['concurrency']} clients: "
+            f"{report['requests_per_s']} req/s; latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
+            f"max {lat['max']} ms; non-2xx {report['non_2xx']} {report['statuses']}; "
+            f"transport errors {report['transport_errors']}"
+        )
     return 0
 
 

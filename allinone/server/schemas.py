@@ -15,8 +15,9 @@ def _valid_unicode(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"not valid Unicode: a lone surrogate (\\u{ord(value[err.start]):04x}) at "
-                         f"character {err.start}") from None
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate (\\u{ord(value[err.start]):04x}) at character {err.start}"
+        ) from None
     return value
 
 
@@ -38,6 +39,7 @@ class ErrorResponse(BaseModel):
 
 
 # ---- sentiment ---------------------------------------------------------------------------------
+
 
 class SentimentRequest(_Strict):
     text: Text | None = Field(None, description="One text.")
@@ -67,10 +69,12 @@ class SentimentBatchResponse(BaseModel):
 
 # ---- respond -----------------------------------------------------------------------------------
 
+
 class RespondRequest(_Strict):
     message: Text
-    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
-                                   description="Continue this conversation (created if new); omitted: a new one.")
+    session_id: str | None = Field(
+        None, pattern=SESSION_ID_PATTERN, description="Continue this conversation (created if new); omitted: a new one."
+    )
     stream: bool = Field(False, description="Server-Sent Events: `sentiment`, then `delta`s, then `done`.")
     max_tokens: int | None = Field(None, ge=1, description="Reply length cap (at most the server's reply_max_tokens).")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -119,6 +123,7 @@ class SessionResponse(BaseModel):
 
 
 # ---- OpenAI-compatible chat completions ----------------------------------------------------------
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")

@@ -15,7 +15,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("allinone.server")
 
@@ -32,7 +33,7 @@ class JobTimeout(Exception):
 
 
 class Job:
-    def __init__(self, fn: Callable[["Job"], None], loop: asyncio.AbstractEventLoop, deadline: float, name: str):
+    def __init__(self, fn: Callable[[Job], None], loop: asyncio.AbstractEventLoop, deadline: float, name: str):
         self.fn = fn
         self.name = name
         self.loop = loop
@@ -67,7 +68,7 @@ class Job:
         remaining = self.deadline - time.monotonic() + 10.0
         try:
             return await asyncio.wait_for(self.events.get(), timeout=max(remaining, 0.1))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.cancel()
             return ERROR, JobTimeout("the request timed out")
 

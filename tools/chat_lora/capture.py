@@ -61,8 +61,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     prefix = fixed_prefix(chat)
-    meta = {"model": str(model), "chat_prompt": args.chat_prompt, "frozen_blocks": args.frozen_blocks,
-            "examples": len(rows), "shard": SHARD, "prefix_tokens": len(prefix)}
+    meta = {
+        "model": str(model),
+        "chat_prompt": args.chat_prompt,
+        "frozen_blocks": args.frozen_blocks,
+        "examples": len(rows),
+        "shard": SHARD,
+        "prefix_tokens": len(prefix),
+    }
     meta_path = out / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise SystemExit(f"{out} holds a capture with other settings ({meta_path}); use another directory")
@@ -74,28 +80,35 @@ def main() -> None:
     with tqdm(total=len(rows), desc="capture", mininterval=10) as bar:
         for index, start in enumerate(shards):
             path = out / f"shard-{index:03d}.npz"
-            batch = rows[start:start + SHARD]
+            batch = rows[start : start + SHARD]
             if path.exists():
                 bar.update(len(batch))
                 continue
             states, tokens, reply_starts, targets = [], [], [], []
             for row in batch:
                 ids, reply_start, target = example_tokens(chat, row)
-                if ids[:len(prefix)] != prefix:
+                if ids[: len(prefix)] != prefix:
                     raise SystemExit(f"{row['id']}: the prompt does not start with the fixed prefix")
                 engine.hidden_state(prefix, args.frozen_blocks)  # the lane holds exactly the prefix
                 evaluated = engine.hidden_states_of_new_tokens(ids, args.frozen_blocks)
                 reused = engine.last_stats.reused
-                states.append(evaluated[len(prefix) - reused:].astype(np.float16))
-                tokens.append(np.array(ids[len(prefix):], dtype=np.int32))
+                states.append(evaluated[len(prefix) - reused :].astype(np.float16))
+                tokens.append(np.array(ids[len(prefix) :], dtype=np.int32))
                 reply_starts.append(reply_start - len(prefix))
                 targets.append(np.array(target, dtype=np.int32))
                 bar.update(1)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, states=np.concatenate(states), lengths=np.array([len(s) for s in states]),
-                     tokens=np.concatenate(tokens), reply_starts=np.array(reply_starts),
-                     targets=np.concatenate(targets), target_lengths=np.array([len(t) for t in targets]),
-                     ids=np.array([r["id"] for r in batch]), split=np.array([r["split"] for r in batch]))
+            np.savez(
+                tmp,
+                states=np.concatenate(states),
+                lengths=np.array([len(s) for s in states]),
+                tokens=np.concatenate(tokens),
+                reply_starts=np.array(reply_starts),
+                targets=np.concatenate(targets),
+                target_lengths=np.array([len(t) for t in targets]),
+                ids=np.array([r["id"] for r in batch]),
+                split=np.array([r["split"] for r in batch]),
+            )
             tmp.replace(path)
     print(f"{len(rows)} examples -> {out}")
 

@@ -37,14 +37,15 @@ FLIPPED_TAG_SHARE = 0.10
 MAX_SAME_OPENING = 8
 SEED = 20261201
 # Failure kinds that judge a reply's content; length and language are the data's own business.
-CONTENT_FAILURES = {"echo", "copy", "as_user", "blame", "repetition", "tone", "refusal", "tag_echo",
-                    "list_or_markdown"}
+CONTENT_FAILURES = {"echo", "copy", "as_user", "blame", "repetition", "tone", "refusal", "tag_echo", "list_or_markdown"}
 OWN_STORY = re.compile(
     r"happened to me|i've been there|i have been there|\bme too\b|i remember when|\bi used to\b|same here"
     r"|same thing happened|i had (?:a|the) same|\bi once\b|in my (?:personal )?experience"
     r"|\bmy (?:own )?(?:mom|dad|mother|father|wife|husband|son|daughter|kids?|children|dog|cat|brother|sister"
     r"|friend|boss|family|grandma|grandpa|grandmother|grandfather|car|house|job|parents|uncle|aunt|cousin"
-    r"|girlfriend|boyfriend|grandparents)\b", re.I)
+    r"|girlfriend|boyfriend|grandparents)\b",
+    re.I,
+)
 
 
 def read_pairs(paths: list[str]) -> list[dict]:
@@ -97,8 +98,9 @@ def main() -> None:
         for i, row in enumerate(group):
             row["split"] = "heldout" if i < heldout else "train"
             flip = row["split"] == "train" and rng.random() < FLIPPED_TAG_SHARE
-            row["tag"] = ({"positive": "negative", "negative": "positive"}[row["sentiment"]] if flip
-                          else row["sentiment"])
+            row["tag"] = (
+                {"positive": "negative", "negative": "positive"}[row["sentiment"]] if flip else row["sentiment"]
+            )
     out = sorted(kept, key=lambda r: r["id"])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:

@@ -62,7 +62,7 @@ class Examples:
         x = torch.zeros(len(indices), max(lengths), self.prefix.shape[1])
         rows, cols, targets = [], [], []
         for k, i in enumerate(indices):
-            x[k, :lengths[k]] = torch.from_numpy(self.states[i].astype(np.float32))
+            x[k, : lengths[k]] = torch.from_numpy(self.states[i].astype(np.float32))
             first = int(self.reply_starts[i]) - 1  # the last prompt token predicts the reply's first
             n = len(self.targets[i])
             rows += [k] * n
@@ -96,7 +96,7 @@ def heldout_loss(model: CausalBlocks, examples: Examples, langs: list[str], max_
         for batch in batches_by_length(examples, examples.indices("heldout"), max_tokens, 0):
             x, lengths, positions, targets = examples.batch(batch)
             losses = model.loss(examples.prefix, x, lengths, positions, targets, reduction="none")
-            for row, loss in zip(positions[:, 0].tolist(), losses.tolist()):
+            for row, loss in zip(positions[:, 0].tolist(), losses.tolist(), strict=True):
                 for key in (langs[batch[row]], "all"):
                     sums[key] = sums.get(key, 0.0) + loss
                     counts[key] = counts.get(key, 0) + 1
@@ -106,11 +106,17 @@ def heldout_loss(model: CausalBlocks, examples: Examples, langs: list[str], max_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("capture", help="capture.py's output directory")
-    parser.add_argument("--output-dir", required=True,
-                        help="where the adapter and its manifest go: allinone/roles/adapters (packaged) or "
-                             "~/.cache/allinone/adapters (yours; it wins over the packaged one)")
-    parser.add_argument("--examples", help="prepare.py's output, for the per-language held-out report "
-                                           "(default: examples.jsonl next to the capture directory)")
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        help="where the adapter and its manifest go: allinone/roles/adapters (packaged) or "
+        "~/.cache/allinone/adapters (yours; it wins over the packaged one)",
+    )
+    parser.add_argument(
+        "--examples",
+        help="prepare.py's output, for the per-language held-out report "
+        "(default: examples.jsonl next to the capture directory)",
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--targets", default=",".join(PROJECTIONS), help="projections to adapt")
@@ -134,8 +140,9 @@ def main() -> None:
     frozen = examples.meta["frozen_blocks"]
     tuned = list(range(frozen, N_BLOCKS))
     targets = tuple(t.strip() for t in args.targets.split(","))
-    weights = load_blocks(examples.meta["model"], tuned, extra=("output_norm.weight", "output.weight",
-                                                                  "token_embd.weight"))
+    weights = load_blocks(
+        examples.meta["model"], tuned, extra=("output_norm.weight", "output.weight", "token_embd.weight")
+    )
     model = CausalBlocks(weights, tuned, rank=args.rank, alpha=args.alpha, targets=targets)
     del weights
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -143,21 +150,28 @@ def main() -> None:
     train = examples.indices("train")
     per_epoch = len(batches_by_length(examples, train, args.batch_tokens, 0))
     steps = args.epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
 
     work = directory / "train"
     work.mkdir(exist_ok=True)
     checkpoint = work / "checkpoint.pt"
     state = {"step": 0, "history": [], "heldout": []}
-    settings = {"rank": args.rank, "alpha": args.alpha, "targets": targets, "epochs": args.epochs, "lr": args.lr,
-                "batch_tokens": args.batch_tokens, "frozen_blocks": frozen}
+    settings = {
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "targets": targets,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_tokens": args.batch_tokens,
+        "frozen_blocks": frozen,
+    }
     if checkpoint.exists() and not args.restart:
         saved = torch.load(checkpoint, weights_only=False)
         if saved["settings"] != settings:
-            raise SystemExit(f"{checkpoint} was made with other settings ({saved['settings']}); "
-                             "pass --restart to start over")
-        model.load_state_dict(saved["lora"], strict=False)
+            raise SystemExit(
+                f"{checkpoint} was made with other settings ({saved['settings']}); pass --restart to start over"
+            )
+        model.load_state_dict(saved["lora"], strict=True)
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
@@ -165,13 +179,23 @@ def main() -> None:
 
     def save_checkpoint():
         tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"settings": settings, "state": state, "optimiser": optimiser.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "lora": {k: v for k, v in model.state_dict().items() if k.endswith((".A", ".B"))}}, tmp)
+        torch.save(
+            {
+                "settings": settings,
+                "state": state,
+                "optimiser": optimiser.state_dict(),
+                "schedule": schedule.state_dict(),
+                "lora": {k: v for k, v in model.state_dict().items() if k.endswith((".A", ".B"))},
+            },
+            tmp,
+        )
         tmp.replace(checkpoint)
 
-    print(f"{len(train)} training examples in {per_epoch} batches per epoch, {len(examples.indices('heldout'))} "
-          f"held out; blocks {frozen + 1}-{N_BLOCKS} tuned ({', '.join(targets)}), rank {args.rank}", flush=True)
+    print(
+        f"{len(train)} training examples in {per_epoch} batches per epoch, {len(examples.indices('heldout'))} "
+        f"held out; blocks {frozen + 1}-{N_BLOCKS} tuned ({', '.join(targets)}), rank {args.rank}",
+        flush=True,
+    )
     if not state["heldout"]:
         state["heldout"].append({"epoch": 0, **heldout_loss(model, examples, langs, args.batch_tokens)})
         print(f"held-out loss before training: {state['heldout'][-1]}", flush=True)
@@ -190,15 +214,23 @@ def main() -> None:
         state["history"].append(round(loss.item(), 4))
         if state["step"] % 5 == 0:
             rate = (time.time() - started) / (state["step"] - done_at_start)
-            print(f"step {state['step']}/{steps} (epoch {epoch + 1})  loss {np.mean(state['history'][-5:]):.3f}  "
-                  f"{rate:.1f} s/step, ~{rate * (steps - state['step']) / 60:.0f} min left", flush=True)
+            print(
+                f"step {state['step']}/{steps} (epoch {epoch + 1})  loss {np.mean(state['history'][-5:]):.3f}  "
+                f"{rate:.1f} s/step, ~{rate * (steps - state['step']) / 60:.0f} min left",
+                flush=True,
+            )
         if state["step"] % per_epoch == 0:
-            state["heldout"].append({"epoch": state["step"] // per_epoch,
-                                     **heldout_loss(model, examples, langs, args.batch_tokens)})
+            state["heldout"].append(
+                {"epoch": state["step"] // per_epoch, **heldout_loss(model, examples, langs, args.batch_tokens)}
+            )
             print(f"held-out loss after epoch {state['heldout'][-1]['epoch']}: {state['heldout'][-1]}", flush=True)
             # Each epoch's adapter stays in the work directory, to compare epochs by their replies.
-            write_adapter(work / f"epoch-{state['step'] // per_epoch}.lora.gguf", model.lora_tensors(), args.alpha,
-                          dtype=np.float16)
+            write_adapter(
+                work / f"epoch-{state['step'] // per_epoch}.lora.gguf",
+                model.lora_tensors(),
+                args.alpha,
+                dtype=np.float16,
+            )
         if state["step"] % args.checkpoint_every == 0 or state["step"] == steps:
             save_checkpoint()
 
@@ -207,15 +239,22 @@ def main() -> None:
     trained = output / "chat-adapter.tmp.gguf"
     write_adapter(trained, model.lora_tensors(), args.alpha, dtype=np.float16)
     model_path = Path(examples.meta["model"])
-    info = {"method": f"LoRA rank {args.rank} (alpha {args.alpha:g}) on {', '.join(targets)} of blocks "
-                      f"{frozen + 1}-{N_BLOCKS}: {state['step']} steps of <= {args.batch_tokens} tokens, AdamW "
-                      f"{args.lr:g}, linear decay; tools/chat_lora",
-            "data": sorted({str(i).split("-")[0] for i in examples.ids}), "train_examples": len(train),
-            "heldout_loss": state["heldout"], "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds")}
-    adapter = ChatAdapter(model_sha256=model_sha256(model_path, Settings().resolved_home()),
-                          prompt=chat_prompt(examples.meta["chat_prompt"]).key, path=trained,
-                          sha256="", info=info)
+    info = {
+        "method": f"LoRA rank {args.rank} (alpha {args.alpha:g}) on {', '.join(targets)} of blocks "
+        f"{frozen + 1}-{N_BLOCKS}: {state['step']} steps of <= {args.batch_tokens} tokens, AdamW "
+        f"{args.lr:g}, linear decay; tools/chat_lora",
+        "data": sorted({str(i).split("-")[0] for i in examples.ids}),
+        "train_examples": len(train),
+        "heldout_loss": state["heldout"],
+        "trained": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    adapter = ChatAdapter(
+        model_sha256=model_sha256(model_path, Settings().resolved_home()),
+        prompt=chat_prompt(examples.meta["chat_prompt"]).key,
+        path=trained,
+        sha256="",
+        info=info,
+    )
     manifest = adapter.save(output)
     trained.unlink()
     print(f"adapter -> {manifest}")

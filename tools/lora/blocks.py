@@ -20,8 +20,15 @@ from gguf.quants import dequantize
 # Qwen2.5-0.5B: 14 query heads, 2 key/value heads of 64, RMSNorm eps 1e-6, RoPE base 1e6 (NeoX layout).
 N_HEAD, N_HEAD_KV, HEAD_DIM, EPS, ROPE_BASE = 14, 2, 64, 1e-6, 1e6
 # llama.cpp's tensor names for the projections a LoRA adapts (adapter GGUF: <name>.weight.lora_a/b).
-PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-               "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+PROJECTIONS = {
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "o": "attn_output",
+    "gate": "ffn_gate",
+    "up": "ffn_up",
+    "down": "ffn_down",
+}
 
 
 def load_blocks(gguf_path: str, indices: list[int], extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -78,19 +85,28 @@ class FrozenLinear(nn.Module):
 class Block(nn.Module):
     def __init__(self, weights: dict, index: int, rank: int, alpha: float, targets=tuple(PROJECTIONS)):
         super().__init__()
-        w = lambda name: weights.get(f"blk.{index}.{name}")
+
+        def w(name):
+            return weights.get(f"blk.{index}.{name}")
+
         self.register_buffer("attn_norm", w("attn_norm.weight"))
         self.register_buffer("ffn_norm", w("ffn_norm.weight"))
-        self.proj = nn.ModuleDict({
-            short: LoRALinear(w(f"{name}.weight"), w(f"{name}.bias"), rank, alpha) if short in targets
-            else FrozenLinear(w(f"{name}.weight"), w(f"{name}.bias"))
-            for short, name in PROJECTIONS.items()})
+        self.proj = nn.ModuleDict(
+            {
+                short: LoRALinear(w(f"{name}.weight"), w(f"{name}.bias"), rank, alpha)
+                if short in targets
+                else FrozenLinear(w(f"{name}.weight"), w(f"{name}.bias"))
+                for short, name in PROJECTIONS.items()
+            }
+        )
 
     def keys_values(self, x, positions):
         h = rms_norm(x, self.attn_norm)
         b, t, _ = x.shape
-        return (rope(self.proj["k"](h).view(b, t, N_HEAD_KV, HEAD_DIM), positions),
-                self.proj["v"](h).view(b, t, N_HEAD_KV, HEAD_DIM))
+        return (
+            rope(self.proj["k"](h).view(b, t, N_HEAD_KV, HEAD_DIM), positions),
+            self.proj["v"](h).view(b, t, N_HEAD_KV, HEAD_DIM),
+        )
 
     def forward(self, x, positions, allowed, prefix_kv=None, only=None):
         """x (B, T, d); `allowed` (B, T, P+T) attention mask over prefix and own tokens;
@@ -106,8 +122,9 @@ class Block(nn.Module):
             k = torch.cat([prefix_kv[0].expand(b, -1, -1, -1), k], 1)
             v = torch.cat([prefix_kv[1].expand(b, -1, -1, -1), v], 1)
         # (B, heads, T, 64); the 2 key/value heads serve 7 query heads each (enable_gqa).
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=allowed[:, None], enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None], enable_gqa=True
+        )
         x = x + self.proj["o"](out.transpose(1, 2).reshape(b, x.shape[1], -1))
         h = rms_norm(x, self.ffn_norm)
         return x + self.proj["down"](F.silu(self.proj["gate"](h)) * self.proj["up"](h))
@@ -129,8 +146,13 @@ class TunedBlocks(nn.Module):
         p = prefix.shape[0]
         prefix_positions = torch.arange(p)[None]
         positions = (p + torch.arange(t))[None].expand(b, -1)
-        allowed = torch.cat([torch.ones(b, t, p, dtype=torch.bool),
-                             torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1)], 2)
+        allowed = torch.cat(
+            [
+                torch.ones(b, t, p, dtype=torch.bool),
+                torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1),
+            ],
+            2,
+        )
         prefix_allowed = torch.tril(torch.ones(p, p, dtype=torch.bool))[None]
         states = prefix[None]
         for n, block in enumerate(self.blocks):
@@ -150,7 +172,7 @@ class TunedBlocks(nn.Module):
 def lora_tensors(indices, blocks) -> dict[str, np.ndarray]:
     """The adapter's tensors under llama.cpp's names: lora_a (rank, in), lora_b (out, rank)."""
     out = {}
-    for index, block in zip(indices, blocks):
+    for index, block in zip(indices, blocks, strict=True):
         for short, name in PROJECTIONS.items():
             layer = block.proj[short]
             if isinstance(layer, LoRALinear):
@@ -183,8 +205,9 @@ class CausalBlocks(nn.Module):
     The prefix's states go through the tuned blocks once per batch, with gradients: llama.cpp
     applies the adapter to every token of the lane, the system prompt included."""
 
-    def __init__(self, weights: dict, indices: list[int], rank: int = 8, alpha: float = 16.0,
-                 targets=tuple(PROJECTIONS)):
+    def __init__(
+        self, weights: dict, indices: list[int], rank: int = 8, alpha: float = 16.0, targets=tuple(PROJECTIONS)
+    ):
         super().__init__()
         self.indices, self.alpha = indices, alpha
         self.blocks = nn.ModuleList([Block(weights, i, rank, alpha, targets) for i in indices])
@@ -200,8 +223,13 @@ class CausalBlocks(nn.Module):
         prefix_positions = torch.arange(p)[None]
         positions = (p + torch.arange(t))[None].expand(b, -1)
         # Padding sits after every real token, so the causal mask alone keeps it out of them.
-        allowed = torch.cat([torch.ones(b, t, p, dtype=torch.bool),
-                             torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1)], 2)
+        allowed = torch.cat(
+            [
+                torch.ones(b, t, p, dtype=torch.bool),
+                torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1),
+            ],
+            2,
+        )
         prefix_allowed = torch.tril(torch.ones(p, p, dtype=torch.bool))[None]
         states = prefix[None]
         for n, block in enumerate(self.blocks):

@@ -45,11 +45,18 @@ def main() -> None:
         evaluated = engine.hidden_states_of_new_tokens(tokens, args.frozen_blocks)
         reused = engine.last_stats.reused
         assert evaluated.shape[0] == len(tokens) - reused and reused <= before
-        states.append(evaluated[before - reused:].astype(np.float16))
+        states.append(evaluated[before - reused :].astype(np.float16))
         lengths.append(states[-1].shape[0])
-    np.savez(args.output, states=np.concatenate(states), lengths=np.array(lengths), prefix=prefix,
-             frozen_blocks=args.frozen_blocks, model=str(model), sentiment_prompt=args.sentiment_prompt,
-             labels=np.array([row["label"] == "positive" for row in rows]))
+    np.savez(
+        args.output,
+        states=np.concatenate(states),
+        lengths=np.array(lengths),
+        prefix=prefix,
+        frozen_blocks=args.frozen_blocks,
+        model=str(model),
+        sentiment_prompt=args.sentiment_prompt,
+        labels=np.array([row["label"] == "positive" for row in rows]),
+    )
     print(f"{len(rows)} texts -> {args.output}")
 
 

@@ -37,11 +37,11 @@ def texts_of(capture) -> list[torch.Tensor]:
 def batches(texts, labels, size, shuffle):
     order = torch.randperm(len(texts)) if shuffle else torch.arange(len(texts))
     for i in range(0, len(texts), size):
-        ids = order[i:i + size]
+        ids = order[i : i + size]
         lengths = torch.tensor([len(texts[j]) for j in ids])
         x = torch.zeros(len(ids), int(lengths.max()), texts[0].shape[1])
         for k, j in enumerate(ids):
-            x[k, :lengths[k]] = texts[j]
+            x[k, : lengths[k]] = texts[j]
         yield x, lengths, labels[ids]
 
 
@@ -72,8 +72,12 @@ def main() -> None:
     dev = np.load(args.dev) if args.dev else None
 
     lora = [p for p in blocks.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW([{"params": lora, "lr": args.lr, "weight_decay": 0.0},
-                                   {"params": head.parameters(), "lr": 3 * args.lr, "weight_decay": 1e-2}])
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": lora, "lr": args.lr, "weight_decay": 0.0},
+            {"params": head.parameters(), "lr": 3 * args.lr, "weight_decay": 1e-2},
+        ]
+    )
     steps = args.epochs * math.ceil(len(texts) / args.batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 30) * max(0.0, 1 - s / steps))
 
@@ -95,7 +99,9 @@ def main() -> None:
                 running = 0.0
         if dev is not None:
             with torch.no_grad():
-                z = torch.cat([logits(x, n) for x, n, _ in batches(texts_of(dev), torch.zeros(len(dev["labels"])), 32, False)])
+                z = torch.cat(
+                    [logits(x, n) for x, n, _ in batches(texts_of(dev), torch.zeros(len(dev["labels"])), 32, False)]
+                )
             print(f"epoch {epoch + 1}: dev accuracy {((z > 0).numpy() == dev['labels']).mean():.4f}", flush=True)
 
     output = Path(args.output_dir)
@@ -105,13 +111,21 @@ def main() -> None:
     settings = Settings()
     sha = model_sha256(Path(model), settings.resolved_home())
     saved = SentimentHead(
-        model_sha256=sha, prompt=str(train["sentiment_prompt"]), layers=args.head_blocks,
-        weights=head.weight.detach().numpy()[0].astype(np.float64), bias=float(head.bias.detach()[0]),
-        info={"examples": len(texts), "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "method": f"LoRA rank {args.rank} (alpha {args.alpha:g}) on blocks {tuned[0] + 1}-{tuned[-1] + 1} "
-                        f"and the head, jointly: {args.epochs} epochs of batch {args.batch}, AdamW {args.lr:g}; "
-                        "tools/sentiment_lora", "seconds": round(time.time() - started, 1)},
-        adapter=adapter).save(output)
+        model_sha256=sha,
+        prompt=str(train["sentiment_prompt"]),
+        layers=args.head_blocks,
+        weights=head.weight.detach().numpy()[0].astype(np.float64),
+        bias=float(head.bias.detach()[0]),
+        info={
+            "examples": len(texts),
+            "trained": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "method": f"LoRA rank {args.rank} (alpha {args.alpha:g}) on blocks {tuned[0] + 1}-{tuned[-1] + 1} "
+            f"and the head, jointly: {args.epochs} epochs of batch {args.batch}, AdamW {args.lr:g}; "
+            "tools/sentiment_lora",
+            "seconds": round(time.time() - started, 1),
+        },
+        adapter=adapter,
+    ).save(output)
     adapter.unlink()
     print(f"head and adapter -> {saved}")
 

@@ -21,28 +21,40 @@ def router(server: Server) -> APIRouter:
 
     @routes.get("/v1/models", tags=["openai"], dependencies=server.auth(), response_model=ModelList)
     async def models():
-        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "allinone"}]}
+        return {
+            "object": "list",
+            "data": [{"id": server.model_id, "object": "model", "created": server.created, "owned_by": "allinone"}],
+        }
 
-    @routes.post("/v1/chat/completions", tags=["openai"], dependencies=server.auth(), response_model=ChatCompletion,
-                 responses={200: {"content": {"text/event-stream": {}}}})
+    @routes.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        dependencies=server.auth(),
+        response_model=ChatCompletion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = []
         for i, m in enumerate(body.messages):
             text = m.text()
             if len(text) > settings.max_message_chars:
-                raise ApiError(422, f"messages.{i}.content: {len(text)} characters; the limit is "
-                                    f"{settings.max_message_chars}")
+                raise ApiError(
+                    422, f"messages.{i}.content: {len(text)} characters; the limit is {settings.max_message_chars}"
+                )
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
         # The configured temperature and top_p, but none of the chat role's reply guards: a
         # completion is the caller's own conversation.
         defaults = server.assistant.default_sampling()
-        sampling = server.sampling(body, Sampling(temperature=defaults.temperature, top_p=defaults.top_p),
-                                   body.max_completion_tokens or body.max_tokens or defaults.max_tokens)
+        sampling = server.sampling(
+            body,
+            Sampling(temperature=defaults.temperature, top_p=defaults.top_p),
+            body.max_completion_tokens or body.max_tokens or defaults.max_tokens,
+        )
         stop = body.stop_strings()
         job = server.submit(lambda job: complete_job(server, messages, sampling, stop, job), "chat_completions")
-        completion = Completion(server.model_id, include_usage=bool(body.stream_options and
-                                                                    body.stream_options.include_usage))
+        completion = Completion(
+            server.model_id, include_usage=bool(body.stream_options and body.stream_options.include_usage)
+        )
         if body.stream:
             return await server.stream(request, job, completion.frames)
         _, text, done = await server.reply_json(request, job)
@@ -74,20 +86,38 @@ class Completion:
 
     @staticmethod
     def usage(done: dict) -> dict:
-        return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-                "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+        return {
+            "prompt_tokens": done["prompt_tokens"],
+            "completion_tokens": done["completion_tokens"],
+            "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
+        }
 
     def whole(self, text: str, done: dict) -> dict:
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": done["finish_reason"]}],
-                "usage": self.usage(done)}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": done["finish_reason"]}
+            ],
+            "usage": self.usage(done),
+        }
 
     def chunk(self, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         extra = {} if usage is None else {"usage": usage}
-        return sse(None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                          "model": self.model, "choices": choices, **extra})
+        return sse(
+            None,
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                **extra,
+            },
+        )
 
     async def frames(self, first, rest: Events):
         yield self.chunk({"role": "assistant", "content": ""})

@@ -23,9 +23,15 @@ def router(server: Server) -> APIRouter:
     @routes.get("/healthz", tags=["service"])
     async def healthz():
         alive = worker.alive()
-        body = {"status": "ok" if alive else "unhealthy", "model": server.model_id, "model_loaded": True,
-                "worker_alive": alive, "busy": worker.busy(), "queue_depth": worker.depth(),
-                "queue_size": worker.queue_size}
+        body = {
+            "status": "ok" if alive else "unhealthy",
+            "model": server.model_id,
+            "model_loaded": True,
+            "worker_alive": alive,
+            "busy": worker.busy(),
+            "queue_depth": worker.depth(),
+            "queue_size": worker.queue_size,
+        }
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @routes.get("/metrics", tags=["service"], dependencies=server.auth(), response_class=PlainTextResponse)

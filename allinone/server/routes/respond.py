@@ -19,8 +19,13 @@ def router(server: Server) -> APIRouter:
     routes = APIRouter()
     settings = server.settings
 
-    @routes.post("/v1/respond", tags=["api"], dependencies=server.auth(), response_model=RespondResponse,
-                 responses={200: {"content": {"text/event-stream": {}}}})
+    @routes.post(
+        "/v1/respond",
+        tags=["api"],
+        dependencies=server.auth(),
+        response_model=RespondResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def respond(body: RespondRequest, request: Request):
         try:
             validate_text(body.message, settings.max_message_chars)
@@ -29,8 +34,9 @@ def router(server: Server) -> APIRouter:
         session_id = body.session_id or uuid.uuid4().hex
         # The reply's own guards (repetition penalty, no-repeat and copy rules) stay as configured.
         defaults = server.assistant.default_sampling()
-        sampling = server.sampling(body, defaults, min(body.max_tokens or defaults.max_tokens,
-                                                       settings.reply_max_tokens))
+        sampling = server.sampling(
+            body, defaults, min(body.max_tokens or defaults.max_tokens, settings.reply_max_tokens)
+        )
         job = server.submit(lambda job: respond_job(server, session_id, body.message, sampling, job), "respond")
         if body.stream:
             return await server.stream(request, job, respond_frames)
@@ -67,17 +73,31 @@ def respond_job(server: Server, session_id: str, message: str, sampling: Samplin
     stored = len(conversation.turns) - 1
     turn = conversation.turns[-1]
     if turn.reply or finish != "cancelled":
-        stored = store.commit_turn(session_id, turn, probability=response.sentiment.probability,
-                                   dropped=stats.dropped_turns)
+        stored = store.commit_turn(
+            session_id, turn, probability=response.sentiment.probability, dropped=stats.dropped_turns
+        )
     if finish == "cancelled":
         metrics.count_cancelled()
         if job.timed_out():
             finish = "timeout"
     metrics.add_tokens("respond", stats.prompt_tokens, stats.completion_tokens)
     first_token = stats.time_to_first_token_ms
-    job.emit("done", {
-        "session_id": session_id, "finish_reason": finish, "dropped_turns": stats.dropped_turns, "turns": stored,
-        "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                  "total_tokens": stats.prompt_tokens + stats.completion_tokens, "cached_tokens": stats.cached_tokens},
-        "timings": {"time_to_first_token_ms": None if first_token is None else round(first_token, 2),
-                    "total_ms": round(stats.total_ms, 2)}})
+    job.emit(
+        "done",
+        {
+            "session_id": session_id,
+            "finish_reason": finish,
+            "dropped_turns": stats.dropped_turns,
+            "turns": stored,
+            "usage": {
+                "prompt_tokens": stats.prompt_tokens,
+                "completion_tokens": stats.completion_tokens,
+                "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+                "cached_tokens": stats.cached_tokens,
+            },
+            "timings": {
+                "time_to_first_token_ms": None if first_token is None else round(first_token, 2),
+                "total_ms": round(stats.total_ms, 2),
+            },
+        },
+    )

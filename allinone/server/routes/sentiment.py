@@ -15,8 +15,12 @@ def router(server: Server) -> APIRouter:
     routes = APIRouter()
     settings = server.settings
 
-    @routes.post("/v1/sentiment", tags=["api"], dependencies=server.auth(),
-                 response_model=SentimentResult | SentimentBatchResponse)
+    @routes.post(
+        "/v1/sentiment",
+        tags=["api"],
+        dependencies=server.auth(),
+        response_model=SentimentResult | SentimentBatchResponse,
+    )
     async def sentiment(body: SentimentRequest, request: Request):
         texts = [body.text] if body.text is not None else body.texts
         if len(texts) > settings.max_batch_texts:

@@ -20,16 +20,21 @@ def check_session_id(session_id: str) -> None:
 
 def turn_json(turn: dict) -> dict:
     shown = turn["sentiment"] if turn["sentiment"] in LABEL_DISPLAY else "positive"
-    return {"message": turn["message"], "sentiment": turn["sentiment"], "probability": turn["probability"],
-            "emoji": LABEL_DISPLAY[shown]["emoji"], "display": sentiment_display(shown), "reply": turn["reply"]}
+    return {
+        "message": turn["message"],
+        "sentiment": turn["sentiment"],
+        "probability": turn["probability"],
+        "emoji": LABEL_DISPLAY[shown]["emoji"],
+        "display": sentiment_display(shown),
+        "reply": turn["reply"],
+    }
 
 
 def router(server: Server) -> APIRouter:
     routes = APIRouter()
     store = server.store
 
-    @routes.get("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth(),
-                response_model=SessionResponse)
+    @routes.get("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth(), response_model=SessionResponse)
     async def get_session(session_id: str):
         check_session_id(session_id)
         turns = await asyncio.to_thread(store.load, session_id)
