@@ -68,6 +68,11 @@ CONGRATULATIONS = [
     "so happy for you",
     "good for you",
     "yay",
+    "that is great",
+    "that is awesome",
+    "太开心",
+    "好开心",
+    "太好了",
 ]
 # Dismay or condolence that is wrong after good news.
 CONDOLENCES = [
@@ -93,6 +98,9 @@ CONDOLENCES = [
     "how terrible",
     "what a shame",
     "that sucks",
+    "that's sad",
+    "so sad",
+    "how sad",
 ]
 # Blame or lecturing, wrong after bad news (a suggestion after good news is harmless).
 BLAME_ZH = [
