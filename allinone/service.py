@@ -192,6 +192,7 @@ class Assistant:
             repeat_penalty=s.repeat_penalty,
             no_repeat_ngram=s.reply_no_repeat_ngram,
             max_copy=s.reply_max_copy,
+            min_tokens=min(s.reply_min_tokens, s.reply_max_tokens),
         )
 
     def analyze(self, text: str, *, method: str = "score") -> Sentiment:

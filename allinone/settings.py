@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     reply_no_repeat_ngram: int = Field(
         0, ge=0, description="A chat reply never says the same run of this many tokens twice (0 = off)."
     )
+    reply_min_tokens: int = Field(
+        0, ge=0, le=64, description="A chat reply does not end before this many tokens (0 = no minimum)."
+    )
     reply_max_copy: int = Field(
         0,
         ge=0,

@@ -194,6 +194,14 @@ def test_copy_guard_stops_long_runs_of_the_source():
     assert not set(_runs(guarded, 5)) & set(_runs(list(source), 5))  # ...five are not
 
 
+def test_min_tokens_keeps_the_output_from_ending_early():
+    engine = FakeEngine(reply="Hi.")
+    tokens = engine.tokenize("<|im_start|>assistant\n", special=True)
+    assert len(list(engine.generate(tokens, Sampling(max_tokens=20)))) == 3
+    longer = list(engine.generate(tokens, Sampling(max_tokens=20, min_tokens=6)))
+    assert len(longer) >= 6 and longer[:3] == engine.tokenize("Hi.")
+
+
 def test_ngram_guard_bans_only_what_completes_a_forbidden_run():
     guard = NgramGuard(Sampling(no_repeat_ngram=2, copy_source=(1, 2, 3), max_copy=2))
     assert guard.banned([]) == []

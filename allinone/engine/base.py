@@ -50,6 +50,7 @@ class Sampling:
     no_repeat_ngram: int = 0  # 0 = off; else no run of this many tokens occurs twice in the output
     copy_source: tuple[int, ...] = ()  # tokens the output may not copy long runs of (e.g. the user's message)
     max_copy: int = 0  # longest run of copy_source the output may contain; 0 = no limit
+    min_tokens: int = 0  # the output does not end before this many tokens
 
 
 class NgramGuard:
@@ -402,7 +403,10 @@ class Engine(ABC):
         while True:
             if should_stop is not None and should_stop():
                 return "cancelled"
-            token = sample_token(logits, sampling, rng, generated, suppressed, guard.banned(generated))
+            banned = guard.banned(generated)
+            if len(generated) < sampling.min_tokens:
+                banned = [*banned, *eog]
+            token = sample_token(logits, sampling, rng, generated, suppressed, banned)
             if token in eog:
                 return "stop"
             generated.append(token)
