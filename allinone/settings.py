@@ -102,17 +102,20 @@ class Settings(BaseSettings):
         ge=1.0,
         le=2.0,
         description="Chat repetition penalty on the tokens generated "
-        "so far (1 = off); 1.1 stops the loops the 0.5B model "
-        "falls into (eval-chat 0.85 -> 0.875).",
+        "so far (1 = off): the small model otherwise falls into loops.",
     )
     reply_no_repeat_ngram: int = Field(
-        0, ge=0, description="A chat reply never says the same run of this many tokens twice (0 = off)."
+        4, ge=0, description="A chat reply never says the same run of this many tokens twice (0 = off)."
     )
     reply_min_tokens: int = Field(
-        0, ge=0, le=64, description="A chat reply does not end before this many tokens (0 = no minimum)."
+        10,
+        ge=0,
+        le=64,
+        description="A chat reply does not end before this many tokens (0 = no minimum): "
+        "the adapted model otherwise often stops at a bare 'Oh no!'.",
     )
     reply_max_copy: int = Field(
-        0,
+        4,
         ge=0,
         description="Longest run of the user's message, in tokens, that a chat reply "
         "may repeat (0 = no limit): a reply should answer the message, "
