@@ -18,6 +18,9 @@ def make_assistant(n_ctx=2048, **overrides):
     # The byte-level fake tokenizer makes the few-shot prompt ~900 tokens: the short original
     # prompt keeps these small-context tests about the chat history.
     overrides.setdefault("sentiment_prompt", "original")
+    # The decoding guards count tokens, which are bytes here: the tests that want them say so.
+    for guard in ("reply_max_copy", "reply_no_repeat_ngram", "reply_min_tokens"):
+        overrides.setdefault(guard, 0)
     settings = Settings(home="/nonexistent", **overrides)
     return Assistant(engine=FakeEngine(reply="谢谢你的分享!", n_ctx=n_ctx), settings=settings)
 
@@ -289,7 +292,7 @@ def test_the_reply_may_not_hand_the_message_back():
     message = "我今天终于拿到驾照了"
     copier = Assistant(
         engine=FakeEngine(reply=message + ",太开心了!", n_ctx=2048),
-        settings=Settings(home="/nonexistent", sentiment_prompt="original"),
+        settings=Settings(home="/nonexistent", sentiment_prompt="original", reply_max_copy=0),
     )
     assert message in copier.respond(Conversation(), message).text()
     guarded = Assistant(
