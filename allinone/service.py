@@ -233,9 +233,12 @@ class Assistant:
             sampling = dataclasses.replace(
                 sampling, suppress_tokens=sampling.suppress_tokens | self.chat.script_guard(message)
             )
-        if sampling.max_copy:
-            sampling = dataclasses.replace(sampling, copy_source=tuple(self.engine.tokenize(message)))
         turns = conversation.turns
+        if sampling.max_copy:
+            sources = [message] + ([turn.reply for turn in turns] if self.settings.reply_copy_earlier else [])
+            sampling = dataclasses.replace(
+                sampling, copy_sources=tuple(tuple(self.engine.tokenize(text)) for text in sources)
+            )
         cached = None  # prompt tokens this respond did not evaluate: known after its first pass
         if self.chat_head is not None and shared_prefill:
             probe, dropped, message_end = self.chat.prompt_tokens(turns, message, None, sampling.max_tokens)

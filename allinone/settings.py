@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         "may repeat (0 = no limit): a reply should answer the message, "
         "not hand it back.",
     )
+    reply_copy_earlier: bool = Field(
+        True,
+        description="The copy limit also covers the assistant's own earlier replies in the "
+        "conversation: a second or third reply does not say the first again.",
+    )
 
     # ---- the HTTP service (`allinone serve`) ----
     host: str = Field(

@@ -189,7 +189,7 @@ def test_copy_guard_stops_long_runs_of_the_source():
     source = tuple(engine.tokenize(message))
     free = list(engine.generate(tokens, Sampling(max_tokens=30)))
     assert set(_runs(free, 5)) & set(_runs(list(source), 5))
-    guarded = list(engine.generate(tokens, Sampling(max_tokens=30, copy_source=source, max_copy=4)))
+    guarded = list(engine.generate(tokens, Sampling(max_tokens=30, copy_sources=(source,), max_copy=4)))
     assert guarded[:4] == list(source[:4])  # four in a row are allowed...
     assert not set(_runs(guarded, 5)) & set(_runs(list(source), 5))  # ...five are not
 
@@ -203,11 +203,14 @@ def test_min_tokens_keeps_the_output_from_ending_early():
 
 
 def test_ngram_guard_bans_only_what_completes_a_forbidden_run():
-    guard = NgramGuard(Sampling(no_repeat_ngram=2, copy_source=(1, 2, 3), max_copy=2))
+    guard = NgramGuard(Sampling(no_repeat_ngram=2, copy_sources=((1, 2, 3), (8, 9, 5)), max_copy=2))
     assert guard.banned([]) == []
     assert guard.banned([7]) == []
     assert guard.banned([7, 7]) == [7]  # (7, 7) was seen: a third 7 would repeat it
     assert sorted(guard.banned([7, 7, 1, 2])) == [3]  # 1 2 3 would copy three tokens of the source
+    two_sources = Sampling(copy_sources=((1, 2, 3), (8, 9, 5)), max_copy=2)
+    assert NgramGuard(two_sources).banned([7, 8, 9]) == [5]  # so would 8 9 5 of the second
+    assert NgramGuard(two_sources).banned([7, 3, 8]) == []  # a run across two sources is no copy
     assert NgramGuard(Sampling(max_copy=2)).banned([1, 2]) == []  # no source: nothing to copy
 
 

@@ -22,7 +22,9 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, sentiment_prompt="original", reply_max_tokens=24)
+    # The decoding guards count tokens, which are bytes here, and the fake model says one reply.
+    guards_off = {"reply_max_copy": 0, "reply_no_repeat_ngram": 0, "reply_min_tokens": 0}
+    settings = Settings(home=home, sentiment_prompt="original", reply_max_tokens=24, **guards_off)
     assistant = Assistant(engine=FakeEngine(reply="谢谢你的分享!", n_ctx=2048), settings=settings)
     app = create_app(assistant, settings, store=SessionStore(home / "sessions.sqlite3"))
     with TestClient(app) as client:

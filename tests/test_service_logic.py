@@ -306,3 +306,24 @@ def test_the_reply_may_not_hand_the_message_back():
     runs = {tuple(source[i : i + 5]) for i in range(len(source) - 4)}
     assert not any(tuple(tokens[i : i + 5]) in runs for i in range(len(tokens) - 4))
     assert guarded.default_sampling().max_copy == 4
+
+
+def test_a_later_reply_may_not_say_an_earlier_one_again():
+    def assistant(**guards):
+        return Assistant(
+            engine=FakeEngine(reply="I'm sorry to hear that, I hope you feel better.", n_ctx=2048),
+            settings=Settings(home="/nonexistent", sentiment_prompt="original", reply_max_copy=4, **guards),
+        )
+
+    def two_replies(assistant):
+        conversation = Conversation()
+        first = assistant.respond(conversation, "My cat is sick.").text()
+        return first, assistant.respond(conversation, "The vet says she will be fine.").text()
+
+    first, again = two_replies(assistant(reply_copy_earlier=False))
+    assert again == first  # the fake model says the same thing to every message
+    first, second = two_replies(assistant())
+    earlier = assistant().engine.tokenize(first)
+    tokens = assistant().engine.tokenize(second)
+    runs = {tuple(earlier[i : i + 5]) for i in range(len(earlier) - 4)}
+    assert second and not any(tuple(tokens[i : i + 5]) in runs for i in range(len(tokens) - 4))

@@ -48,24 +48,25 @@ class Sampling:
     suppress_tokens: frozenset[int] = frozenset()  # never sampled (e.g. another script's characters)
     seed: int | None = None
     no_repeat_ngram: int = 0  # 0 = off; else no run of this many tokens occurs twice in the output
-    copy_source: tuple[int, ...] = ()  # tokens the output may not copy long runs of (e.g. the user's message)
-    max_copy: int = 0  # longest run of copy_source the output may contain; 0 = no limit
+    # Token sequences the output may not copy long runs of (the user's message, earlier replies).
+    copy_sources: tuple[tuple[int, ...], ...] = ()
+    max_copy: int = 0  # longest run of any copy source the output may contain; 0 = no limit
     min_tokens: int = 0  # the output does not end before this many tokens
 
 
 class NgramGuard:
     """Which tokens would complete a forbidden run: a run of `no_repeat_ngram` tokens that the
-    output already holds, or a run of more than `max_copy` tokens of `copy_source`. Runs are
+    output already holds, or a run of more than `max_copy` tokens of one of `copy_sources`. Runs are
     looked up by the tokens before their last, so a step costs two dictionary lookups."""
 
     def __init__(self, sampling: Sampling):
         self.repeat = sampling.no_repeat_ngram
-        self.copy = sampling.max_copy if sampling.copy_source else 0
+        self.copy = sampling.max_copy if sampling.copy_sources else 0
         self._seen: dict[tuple[int, ...], set[int]] = {}
         self._source: dict[tuple[int, ...], set[int]] = {}
-        source = sampling.copy_source
-        for i in range(len(source) - self.copy) if self.copy else ():
-            self._source.setdefault(tuple(source[i : i + self.copy]), set()).add(source[i + self.copy])
+        for source in sampling.copy_sources if self.copy else ():
+            for i in range(len(source) - self.copy):
+                self._source.setdefault(tuple(source[i : i + self.copy]), set()).add(source[i + self.copy])
 
     def banned(self, generated: Sequence[int]) -> list[int]:
         out: set[int] = set()
