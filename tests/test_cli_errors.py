@@ -120,3 +120,16 @@ def test_train_head_names_a_broken_line(cli, tmp_path):
     data.write_bytes(b'{"text": "good", "label": "positive"}\n{"text": broken\n')
     code, _, err = cli(["train-head", str(data)])
     assert code == 2 and "bad.jsonl line 2: invalid JSON" in err
+
+
+def test_train_head_reads_several_files_and_chat_rows_as_one_set(cli, tmp_path):
+    """A chat file's message/sentiment rows count like text/label rows; the files are one set, so
+    what only their union has (both labels) is enough, and a bad line is named by its own file."""
+    reviews, chats = tmp_path / "reviews.jsonl", tmp_path / "chats.jsonl"
+    write_jsonl(reviews, [{"text": f"good {i}", "label": "positive"} for i in range(30)])
+    write_jsonl(chats, [{"message": f"my cat is sick {i}", "sentiment": "negative"} for i in range(2)])
+    code, _, err = cli(["train-head", str(reviews), str(chats)])
+    assert code == 2 and "only 2 'negative'" in err  # both files were read; 2 is still too few
+    write_jsonl(chats, [{"message": "my cat is sick", "sentiment": "negative"}, {"message": "", "sentiment": "x"}])
+    code, _, err = cli(["train-head", str(reviews), str(chats)])
+    assert code == 2 and "chats.jsonl line 2: needs a non-empty string field 'text' (or 'message')" in err

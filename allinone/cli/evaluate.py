@@ -78,7 +78,7 @@ def cmd_train_head(args, settings: Settings) -> int:
     from ..roles.head import HeadError, check_training_labels, heldout_count, train_head
 
     try:
-        items = load_labelled(args.data)
+        items = load_labelled(*args.data)
         check_training_labels([item["label"] for item in items])
     except (DataError, HeadError) as err:
         raise CliError(str(err)) from None
@@ -117,7 +117,7 @@ def cmd_train_head(args, settings: Settings) -> int:
                 layers=layers,
                 holdout=args.holdout,
                 progress=bar.update,
-                source=Path(args.data).name,
+                source=", ".join(Path(path).name for path in args.data),
             )
         except HeadError as err:
             raise CliError(str(err)) from None
@@ -214,10 +214,10 @@ def register(command) -> None:
         "train-head",
         cmd_train_head,
         "Train the learned sentiment head for the current model and "
-        "sentiment prompt on labelled JSONL (text, label); used "
-        "automatically afterwards.",
+        "sentiment prompt on labelled JSONL (text and label, or a chat file's message and "
+        "sentiment); used automatically afterwards.",
     )
-    p.add_argument("data", metavar="DATA.jsonl")
+    p.add_argument("data", metavar="DATA.jsonl", nargs="+", help="one or more files, read as one set")
     p.add_argument(
         "--holdout",
         type=float,

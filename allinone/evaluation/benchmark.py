@@ -232,12 +232,17 @@ def bench_chat(assistant, raw, messages: list[str], progress: Callable[[], None]
     when it shares one prefill for both roles, also the same flow with two passes (the analyst's,
     then the chat lane's); with a chat adapter, also the flow on the model's own weights (what the
     adapter costs); the flows alternate in order per message. Unless `raw` is None, plain
-    llama-cpp-python streams a reply to the very same chat prompt. Greedy, at most
-    CHAT_BENCH_TOKENS tokens each; before each of our runs the chat lane holds just the prompt's
+    llama-cpp-python streams a reply to the very same chat prompt. Greedy, CHAT_BENCH_TOKENS
+    tokens each; before each of our runs the chat lane holds just the prompt's
     fixed beginning, as it would for any new conversation."""
     if not messages:
         return None
-    sampling = dataclasses.replace(assistant.default_sampling(), max_tokens=CHAT_BENCH_TOKENS)
+    # Every flow decodes exactly CHAT_BENCH_TOKENS tokens (the end of the reply is held off), so
+    # that decode rates compare like with like: the adapted and the plain model reply at different
+    # lengths, and a short reply's rate is mostly its first steps.
+    sampling = dataclasses.replace(
+        assistant.default_sampling(), max_tokens=CHAT_BENCH_TOKENS, min_tokens=CHAT_BENCH_TOKENS
+    )
     shared = assistant.chat_head is not None
     adapter = assistant.chat.adapter
     flows = ["ours", "two_passes"] if shared else ["ours"]

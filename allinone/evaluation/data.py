@@ -13,8 +13,12 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path: str | Path, *, require_label: bool = False, field: str = "text") -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for every non-blank line; raise DataError naming a bad line."""
+def read_jsonl(
+    path: str | Path, *, require_label: bool = False, field: str = "text", alias: str | None = None
+) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for every non-blank line; raise DataError naming a bad line.
+    A line without `field` may carry it as `alias` (and its label as 'sentiment', the chat files'
+    name for it); the object then gets both under the usual names."""
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -34,9 +38,14 @@ def read_jsonl(path: str | Path, *, require_label: bool = False, field: str = "t
                 raise DataError(f"{path} line {number}: invalid JSON: {err.msg} at column {err.colno}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object, got {type(obj).__name__}")
+            if alias and field not in obj and alias in obj:
+                obj[field] = obj[alias]
+                if "label" not in obj and "sentiment" in obj:
+                    obj["label"] = obj["sentiment"]
             text = obj.get(field)
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path} line {number}: needs a non-empty string field '{field}'")
+                also = f" (or '{alias}')" if alias else ""
+                raise DataError(f"{path} line {number}: needs a non-empty string field '{field}'{also}")
             if require_label:
                 label = obj.get("label")
                 if isinstance(label, str):
@@ -49,5 +58,7 @@ def read_jsonl(path: str | Path, *, require_label: bool = False, field: str = "t
             yield number, obj
 
 
-def load_labelled(path: str | Path) -> list[dict]:
-    return [obj for _, obj in read_jsonl(path, require_label=True)]
+def load_labelled(*paths: str | Path) -> list[dict]:
+    """Labelled texts from one or more files: `text` and `label`, or a chat file's `message` and
+    `sentiment` (chat-real-*.jsonl), so that a head can learn from messages written to a listener."""
+    return [obj for path in paths for _, obj in read_jsonl(path, require_label=True, alias="message")]

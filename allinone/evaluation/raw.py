@@ -35,9 +35,15 @@ class RawLlamaCpp:
         return label_from_generated(out["choices"][0]["text"])
 
     def chat(self, messages: list[dict], max_tokens: int) -> StreamTiming:
+        """A streamed reply of exactly `max_tokens` tokens: the end-of-turn tokens are held off by
+        a logit bias, as our flows hold them off in the bench (decode rates over equal lengths)."""
+        ends = {self.llm.token_eos(), *self.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
         start = time.perf_counter()
         first, count = None, 0
-        for chunk in self.llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0, stream=True):
+        stream = self.llm.create_chat_completion(
+            messages, max_tokens=max_tokens, temperature=0, stream=True, logit_bias={t: -1e9 for t in ends}
+        )
+        for chunk in stream:
             if chunk["choices"][0]["delta"].get("content"):
                 count += 1  # llama-cpp-python streams one chunk per token
                 if first is None:
