@@ -130,6 +130,25 @@ class Block(nn.Module):
         return x + self.proj["down"](F.silu(self.proj["gate"](h)) * self.proj["up"](h))
 
 
+def prefix_and_batch_masks(prefix, x):
+    """Positions and attention masks for a shared prefix (P, d) followed by a batch x (B, T, d):
+    every text sees the whole prefix and itself causally; the prefix sees itself causally. Padding
+    sits after every real token, so the causal mask alone keeps it out of them."""
+    b, t, _ = x.shape
+    p = prefix.shape[0]
+    prefix_positions = torch.arange(p)[None]
+    positions = (p + torch.arange(t))[None].expand(b, -1)
+    allowed = torch.cat(
+        [
+            torch.ones(b, t, p, dtype=torch.bool),
+            torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1),
+        ],
+        2,
+    )
+    prefix_allowed = torch.tril(torch.ones(p, p, dtype=torch.bool))[None]
+    return prefix_positions, positions, allowed, prefix_allowed
+
+
 class TunedBlocks(nn.Module):
     """Blocks first..last-1 over a shared prompt prefix and a batch of texts after it; returns the
     residual stream at each text's last token after the last block."""
@@ -142,18 +161,7 @@ class TunedBlocks(nn.Module):
     def forward(self, prefix, x, lengths):
         """prefix (P, d): the prefix's states entering the first tuned block; x (B, T, d): the texts'
         (padded); lengths (B,)."""
-        b, t, _ = x.shape
-        p = prefix.shape[0]
-        prefix_positions = torch.arange(p)[None]
-        positions = (p + torch.arange(t))[None].expand(b, -1)
-        allowed = torch.cat(
-            [
-                torch.ones(b, t, p, dtype=torch.bool),
-                torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1),
-            ],
-            2,
-        )
-        prefix_allowed = torch.tril(torch.ones(p, p, dtype=torch.bool))[None]
+        prefix_positions, positions, allowed, prefix_allowed = prefix_and_batch_masks(prefix, x)
         states = prefix[None]
         for n, block in enumerate(self.blocks):
             # The adapter changes the prefix's keys and values too (llama.cpp applies it to every
@@ -218,19 +226,7 @@ class CausalBlocks(nn.Module):
     def hidden(self, prefix, x, lengths):
         """prefix (P, d) and x (B, T, d): states entering the first tuned block (x padded at the
         end; `lengths` (B,) real lengths). Returns the final-normed states (B, T, d)."""
-        b, t, _ = x.shape
-        p = prefix.shape[0]
-        prefix_positions = torch.arange(p)[None]
-        positions = (p + torch.arange(t))[None].expand(b, -1)
-        # Padding sits after every real token, so the causal mask alone keeps it out of them.
-        allowed = torch.cat(
-            [
-                torch.ones(b, t, p, dtype=torch.bool),
-                torch.tril(torch.ones(t, t, dtype=torch.bool))[None].expand(b, -1, -1),
-            ],
-            2,
-        )
-        prefix_allowed = torch.tril(torch.ones(p, p, dtype=torch.bool))[None]
+        prefix_positions, positions, allowed, prefix_allowed = prefix_and_batch_masks(prefix, x)
         states = prefix[None]
         for n, block in enumerate(self.blocks):
             prefix_kv = block.keys_values(states, prefix_positions)
