@@ -26,9 +26,16 @@ def engine(request):
         engine = request.getfixturevalue("tiny_engine")
     else:
         engine = request.getfixturevalue("assistant").engine
+    # The contract is the model's own: the assistant's lanes may run LoRA adapters (the analyst's
+    # head, the chat role), which would make the same tokens score differently on two lanes.
+    adapters = dict(engine.lane_adapter)
+    for lane in adapters:
+        engine.use_adapter(lane, None)
     engine.forget()
     yield engine
     engine.forget()
+    for lane, path in adapters.items():
+        engine.use_adapter(lane, path)
 
 
 def chat_tokens(engine, text: str) -> list[int]:
