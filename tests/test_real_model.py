@@ -125,7 +125,7 @@ def test_the_packaged_heads_adapter_changes_only_its_blocks_on_the_sentiment_lan
     text = "The room was clean and quiet, but the staff never smiled."
     tokens, _ = analyst.prompt_tokens(text)
     adapted = analyst.positive_probability(text).value
-    assert engine.lane_adapter == {0: head.adapter}
+    assert engine.lane_adapter[0] == head.adapter  # (lane 1 runs the chat role's own)
     below_adapted = engine.hidden_state(tokens, 12)
     top_adapted = engine.hidden_state(tokens, head.layers)
     engine.use_adapter(0, None)
@@ -133,9 +133,9 @@ def test_the_packaged_heads_adapter_changes_only_its_blocks_on_the_sentiment_lan
     top_plain = engine.hidden_state(tokens, head.layers)
     assert np.linalg.norm(top_adapted - top_plain) > 0.05 * np.linalg.norm(top_plain)
     analyst.use_head(head)
-    assert assistant.analyze(text, method="prompt").probability is not None and engine.lane_adapter == {}
+    assert assistant.analyze(text, method="prompt").probability is not None and 0 not in engine.lane_adapter
     assert abs(analyst.positive_probability(text).value - adapted) < 1e-3
-    assert engine.lane_adapter == {0: head.adapter}
+    assert engine.lane_adapter[0] == head.adapter
     with pytest.raises(EngineError, match="shares its llama.cpp context"):
         engine.use_adapter(2, head.adapter)  # the completion lanes share a context
 
