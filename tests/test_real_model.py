@@ -56,26 +56,6 @@ def test_cached_scores_equal_full_recompute(assistant):
         np.testing.assert_allclose(with_cache, fresh, atol=1e-3)
 
 
-def test_scores_after_cache_reuse_equal_fresh_scores(assistant):
-    """The serving pattern: many different texts through one lane, each reusing the cached
-    instructions and whatever prefix the previous text left, against a recompute from empty."""
-    engine, analyst = assistant.engine, assistant.analyst
-    texts = [
-        "这家店的外卖送得很快,味道也不错。",
-        "太难吃了,再也不点了",
-        "The plot was thin but the acting was great.",
-        "@united thanks for nothing, 3 hours on hold",
-        "物流很快,包装完好,手机用着流畅。",
-        "meh.",
-        "The the the",
-        "屏幕有划痕,客服态度还差,退货!",
-    ]
-    served = [analyst.label_logprobs(text)[0] for text in texts]
-    for text, with_cache in zip(texts, served, strict=True):
-        engine.forget()
-        np.testing.assert_allclose(analyst.label_logprobs(text)[0], with_cache, atol=1e-3, err_msg=text)
-
-
 @pytest.mark.parametrize("with_adapter", [True, False])
 def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant, with_adapter):
     """The head's pass stops after the head's block (engine/llamacpp.py, _LayerTap): its cached
