@@ -195,6 +195,12 @@ class Assistant:
             min_tokens=min(s.reply_min_tokens, s.reply_max_tokens),
         )
 
+    def completion_sampling(self) -> Sampling:
+        """The configured length, temperature and top_p, but none of the chat role's reply guards:
+        a plain completion is the caller's own conversation (a one-word answer may be right)."""
+        s = self.settings
+        return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p)
+
     def analyze(self, text: str, *, method: str = "score") -> Sentiment:
         if method == "score":
             return self.analyst.analyze(text)
@@ -298,7 +304,7 @@ class Assistant:
                 or not isinstance(m.get("content"), str)
             ):
                 raise InputError("each message needs a role (system, user or assistant) and a string content")
-        sampling = sampling or self.default_sampling()
+        sampling = sampling or self.completion_sampling()
         tokens = self.chat.template.tokens(messages)
         if len(tokens) + 1 > self.engine.n_ctx:
             raise InputError(f"the messages need {len(tokens)} tokens; the context holds {self.engine.n_ctx}")

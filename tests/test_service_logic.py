@@ -327,3 +327,14 @@ def test_a_later_reply_may_not_say_an_earlier_one_again():
     tokens = assistant().engine.tokenize(second)
     runs = {tuple(earlier[i : i + 5]) for i in range(len(earlier) - 4)}
     assert second and not any(tuple(tokens[i : i + 5]) in runs for i in range(len(tokens) - 4))
+
+
+def test_plain_completions_run_without_the_chat_roles_reply_guards():
+    """A caller's own completion may rightly be one word or quote its prompt; the guards are the
+    chat role's, on by default there."""
+    assistant = Assistant(engine=FakeEngine(reply="Yes."), settings=Settings(home="/nonexistent"))
+    chat, plain = assistant.default_sampling(), assistant.completion_sampling()
+    assert chat.min_tokens > 0 and chat.max_copy > 0 and chat.no_repeat_ngram > 0
+    assert (plain.min_tokens, plain.max_copy, plain.no_repeat_ngram, plain.repeat_penalty) == (0, 0, 0, 1.0)
+    stream, _ = assistant.complete([{"role": "user", "content": "Is the sky blue? One word."}])
+    assert "".join(stream) == "Yes."

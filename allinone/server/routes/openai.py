@@ -42,14 +42,8 @@ def router(server: Server) -> APIRouter:
                     422, f"messages.{i}.content: {len(text)} characters; the limit is {settings.max_message_chars}"
                 )
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        # The configured temperature and top_p, but none of the chat role's reply guards: a
-        # completion is the caller's own conversation.
-        defaults = server.assistant.default_sampling()
-        sampling = server.sampling(
-            body,
-            Sampling(temperature=defaults.temperature, top_p=defaults.top_p),
-            body.max_completion_tokens or body.max_tokens or defaults.max_tokens,
-        )
+        defaults = server.assistant.completion_sampling()
+        sampling = server.sampling(body, defaults, body.max_completion_tokens or body.max_tokens or defaults.max_tokens)
         stop = body.stop_strings()
         job = server.submit(lambda job: complete_job(server, messages, sampling, stop, job), "chat_completions")
         completion = Completion(
