@@ -21,6 +21,13 @@ ASSISTANT_MARK = list(b"assistant\n")
 HIDDEN = 16
 LAYERS = 4
 OUTPUT_WEIGHT = np.random.default_rng(1234).normal(size=(VOCAB, HIDDEN)) / np.sqrt(HIDDEN)
+# The chat role's decoding guards count tokens, which are bytes here: tests that want them say so.
+GUARDS_OFF = {"reply_max_copy": 0, "reply_no_repeat_ngram": 0, "reply_min_tokens": 0}
+
+
+def runs(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    """Every run of n consecutive tokens, in order (what the n-gram and copy guards look at)."""
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 class FakeEngine(Engine):

@@ -7,7 +7,7 @@ from allinone.engine.base import ContextOverflow, EngineError, NgramGuard, Sampl
 from allinone.engine.text import TextStream
 from allinone.roles.template import ChatTemplate
 
-from .fake_engine import SPECIALS, FakeEngine
+from .fake_engine import SPECIALS, FakeEngine, runs
 
 
 def test_score_with_cache_equals_full_recompute():
@@ -169,17 +169,13 @@ def test_generation_never_emits_a_suppressed_token():
     assert out and ord("l") not in out
 
 
-def _runs(tokens, n):
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
 def test_no_repeat_ngram_keeps_every_run_unique():
     engine = FakeEngine(reply="la la la la la la la.")
     tokens = engine.tokenize("<|im_start|>assistant\n", special=True)
     free = list(engine.generate(tokens, Sampling(max_tokens=30)))
-    assert len(set(_runs(free, 3))) < len(_runs(free, 3))  # the script repeats itself
+    assert len(set(runs(free, 3))) < len(runs(free, 3))  # the script repeats itself
     guarded = list(engine.generate(tokens, Sampling(max_tokens=30, no_repeat_ngram=3)))
-    assert len(set(_runs(guarded, 3))) == len(_runs(guarded, 3))
+    assert len(set(runs(guarded, 3))) == len(runs(guarded, 3))
 
 
 def test_copy_guard_stops_long_runs_of_the_source():
@@ -188,10 +184,10 @@ def test_copy_guard_stops_long_runs_of_the_source():
     tokens = engine.tokenize("<|im_start|>assistant\n", special=True)
     source = tuple(engine.tokenize(message))
     free = list(engine.generate(tokens, Sampling(max_tokens=30)))
-    assert set(_runs(free, 5)) & set(_runs(list(source), 5))
+    assert set(runs(free, 5)) & set(runs(list(source), 5))
     guarded = list(engine.generate(tokens, Sampling(max_tokens=30, copy_sources=(source,), max_copy=4)))
     assert guarded[:4] == list(source[:4])  # four in a row are allowed...
-    assert not set(_runs(guarded, 5)) & set(_runs(list(source), 5))  # ...five are not
+    assert not set(runs(guarded, 5)) & set(runs(list(source), 5))  # ...five are not
 
 
 def test_min_tokens_keeps_the_output_from_ending_early():

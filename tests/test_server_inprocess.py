@@ -14,7 +14,7 @@ from allinone.server.app import create_app
 from allinone.service import Assistant
 from allinone.settings import Settings
 
-from .fake_engine import FakeEngine
+from .fake_engine import GUARDS_OFF, FakeEngine
 
 JSON = {"Content-Type": "application/json"}
 
@@ -22,9 +22,8 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    # The decoding guards count tokens, which are bytes here, and the fake model says one reply.
-    guards_off = {"reply_max_copy": 0, "reply_no_repeat_ngram": 0, "reply_min_tokens": 0}
-    settings = Settings(home=home, sentiment_prompt="original", reply_max_tokens=24, **guards_off)
+    # (the fake model also says one reply to everything, which the copy guard would not let it repeat)
+    settings = Settings(home=home, sentiment_prompt="original", reply_max_tokens=24, **GUARDS_OFF)
     assistant = Assistant(engine=FakeEngine(reply="谢谢你的分享!", n_ctx=2048), settings=settings)
     app = create_app(assistant, settings, store=SessionStore(home / "sessions.sqlite3"))
     with TestClient(app) as client:

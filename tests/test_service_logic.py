@@ -11,17 +11,14 @@ from allinone.roles.sentiment import InputError, SentimentAnalyst
 from allinone.service import Assistant
 from allinone.settings import Settings
 
-from .fake_engine import WORDS, FakeEngine
+from .fake_engine import GUARDS_OFF, WORDS, FakeEngine, runs
 
 
 def make_assistant(n_ctx=2048, **overrides):
     # The byte-level fake tokenizer makes the few-shot prompt ~900 tokens: the short original
     # prompt keeps these small-context tests about the chat history.
     overrides.setdefault("sentiment_prompt", "original")
-    # The decoding guards count tokens, which are bytes here: the tests that want them say so.
-    for guard in ("reply_max_copy", "reply_no_repeat_ngram", "reply_min_tokens"):
-        overrides.setdefault(guard, 0)
-    settings = Settings(home="/nonexistent", **overrides)
+    settings = Settings(home="/nonexistent", **(GUARDS_OFF | overrides))
     return Assistant(engine=FakeEngine(reply="谢谢你的分享!", n_ctx=n_ctx), settings=settings)
 
 
@@ -303,8 +300,7 @@ def test_the_reply_may_not_hand_the_message_back():
     text = reply.text()
     source = guarded.engine.tokenize(message)
     tokens = guarded.engine.tokenize(text)
-    runs = {tuple(source[i : i + 5]) for i in range(len(source) - 4)}
-    assert not any(tuple(tokens[i : i + 5]) in runs for i in range(len(tokens) - 4))
+    assert not set(runs(tokens, 5)) & set(runs(source, 5))
     assert guarded.default_sampling().max_copy == 4
 
 
@@ -322,11 +318,10 @@ def test_a_later_reply_may_not_say_an_earlier_one_again():
 
     first, again = two_replies(assistant(reply_copy_earlier=False))
     assert again == first  # the fake model says the same thing to every message
-    first, second = two_replies(assistant())
-    earlier = assistant().engine.tokenize(first)
-    tokens = assistant().engine.tokenize(second)
-    runs = {tuple(earlier[i : i + 5]) for i in range(len(earlier) - 4)}
-    assert second and not any(tuple(tokens[i : i + 5]) in runs for i in range(len(tokens) - 4))
+    guarded = assistant()
+    first, second = two_replies(guarded)
+    earlier, tokens = guarded.engine.tokenize(first), guarded.engine.tokenize(second)
+    assert second and not set(runs(tokens, 5)) & set(runs(earlier, 5))
 
 
 def test_plain_completions_run_without_the_chat_roles_reply_guards():
