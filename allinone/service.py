@@ -4,6 +4,7 @@ adapters over `Assistant`."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,24 +16,30 @@ from .engine import open_engine
 from .engine.base import Engine, Sampling
 from .engine.text import TextStream
 from .model.store import model_sha256, resolve_model_path
-from .roles.adapter import ChatAdapter
+from .roles.adapter import ChatAdapter, file_sha256
 from .roles.chat import ChatRole
-from .roles.head import SentimentHead
-from .roles.prompts import chat_prompt, sentiment_prompt
-from .roles.sentiment import InputError, Sentiment, SentimentAnalyst, validate_text
+from .roles.choice import Choice, ChoiceRole
+from .roles.definition import ChatPromptSpec, RoleDefinition, RoleRegistry
+from .roles.head import ChoiceHead, HeadError, ReadingPoint
+from .roles.inputs import InputError, validate_text
 from .settings import Settings
 
 
 class Lane(IntEnum):
     """Lanes of the engine's prefix cache, one per use, so that none evicts another's prefix. On
     llama.cpp the first `hidden_state_lanes` lanes can read hidden states, each in a context of its
-    own (so each can run an adapter): the sentiment lane always, the chat lane when a chat head
-    reads its pass or it runs the chat adapter."""
+    own (so each can run an adapter): the analysis lane always, the chat lane when a chat head reads
+    its pass or it runs the chat adapter."""
 
-    SENTIMENT = 0
+    ANALYSIS = 0  # the mood role's prompt: its head and every other choice role's head read this pass
     CHAT = 1
     COMPLETION = 2  # raw chat completions (OpenAI-style messages)
     SPARE = 3  # unused by the service: the benchmark's second analyst
+    ZERO_SHOT = 4  # choice roles without a head, each scored by its own prompt (they take turns)
+
+
+# The chat role's name; the choice role it is told the result of is its definition's `mood_from`.
+CHAT_ROLE = "chat"
 
 
 @dataclass
@@ -51,7 +58,7 @@ class Response:
     reply text as it is generated. When iteration ends (or `close()` is called, e.g. on Ctrl-C)
     the turn, with whatever reply was produced, is added to the conversation."""
 
-    def __init__(self, sentiment: Sentiment, deltas: Iterator[str], finish: Callable[[], None], stats: ReplyStats):
+    def __init__(self, sentiment: Choice, deltas: Iterator[str], finish: Callable[[], None], stats: ReplyStats):
         self.sentiment = sentiment
         self.stats = stats
         self._deltas = deltas
@@ -84,28 +91,44 @@ def adapters_directory(settings: Settings) -> Path:
     return settings.resolved_home() / "adapters"
 
 
-def find_chat_adapter(settings: Settings, model_sha: str | None) -> ChatAdapter | None:
+def discover_roles(settings: Settings) -> RoleRegistry:
+    """The built-in roles, then <home>/roles/, then the files named by settings.role_paths."""
+    extra = [Path(p) for p in (settings.role_paths or "").split(os.pathsep) if p]
+    return RoleRegistry.discover(settings.resolved_home(), extra)
+
+
+def mood_role(roles: RoleRegistry) -> RoleDefinition:
+    """The choice role whose result the chat role is told (sentiment, by default): the analyst's."""
+    return roles.get(roles.get(CHAT_ROLE).mood_from)
+
+
+def find_chat_adapter(settings: Settings, model_sha: str | None, chat: ChatPromptSpec) -> ChatAdapter | None:
     """The chat role's LoRA adapter for this model and chat prompt, if any (settings.chat_adapter off: none)."""
     if not (settings.chat_adapter and model_sha):
         return None
-    return ChatAdapter.find(model_sha, chat_prompt(settings.chat_prompt).key, adapters_directory(settings))
+    return ChatAdapter.find(model_sha, chat.key, adapters_directory(settings))
 
 
 def find_heads(
-    settings: Settings, model_sha: str | None, chat_adapter: ChatAdapter | None = None
-) -> tuple[SentimentHead | None, SentimentHead | None]:
-    """The learned heads for this model, if any (settings.sentiment_head off: none): the
-    analyst's, for its sentiment prompt, and, with shared_prefill, the chat prompt's, for the
-    weights the chat lane runs (the model's own or `chat_adapter`)."""
+    settings: Settings,
+    model_sha: str | None,
+    mood: RoleDefinition,
+    chat: ChatPromptSpec,
+    chat_adapter: ChatAdapter | None = None,
+) -> tuple[ChoiceHead | None, ChoiceHead | None]:
+    """The mood role's learned heads for this model, if any (settings.sentiment_head off: none): the
+    analyst's, for its prompt, and, with shared_prefill, the chat prompt's, for the weights the chat
+    lane runs (the model's own or `chat_adapter`)."""
     if not (settings.sentiment_head and model_sha):
         return None, None
     directory = heads_directory(settings)
-    head = SentimentHead.find(model_sha, settings.sentiment_prompt, directory)
-    chat = chat_prompt(settings.chat_prompt)
+    head = ChoiceHead.find(
+        model_sha, mood.prompt(settings.sentiment_prompt).name, directory, mood.name, mood.label_names
+    )
     chat_head = None
-    if settings.shared_prefill and chat.sentiment_follows_message:
+    if settings.shared_prefill and chat.mood_follows_message:
         key = chat.head_key(chat_adapter.sha256 if chat_adapter is not None else None)
-        chat_head = SentimentHead.find(model_sha, key, directory)
+        chat_head = ChoiceHead.find(model_sha, key, directory, mood.name, mood.label_names)
     return head, chat_head
 
 
@@ -115,33 +138,45 @@ class Assistant:
     settings: Settings = field(default_factory=Settings)
     model_path: Path | None = None
     load_seconds: float = 0.0
-    head: SentimentHead | None = None
-    # Reads the sentiment at the end of the user's message on the chat lane's own pass (see
-    # respond); None = the respond flow asks the analyst, on a pass of its own.
-    chat_head: SentimentHead | None = None
+    roles: RoleRegistry | None = None  # None: discovered from the settings
+    head: ChoiceHead | None = None
+    # Reads the mood at the end of the user's message on the chat lane's own pass (see respond);
+    # None = the respond flow asks the analyst, on a pass of its own.
+    chat_head: ChoiceHead | None = None
 
     def __post_init__(self):
         s = self.settings
-        self.analyst = SentimentAnalyst(
+        self.roles = self.roles or discover_roles(s)
+        chat = self.roles.get(CHAT_ROLE)
+        self.mood = self.roles.get(chat.mood_from)
+        self.analyst = ChoiceRole(
             self.engine,
-            sentiment_prompt(s.sentiment_prompt),
-            lane=Lane.SENTIMENT,
+            self.mood,
+            self.mood.prompt(s.sentiment_prompt),
+            lane=Lane.ANALYSIS,
             max_text_chars=s.max_text_chars,
             max_text_tokens=s.max_text_tokens,
         )
         self.chat = ChatRole(
-            self.engine, chat_prompt(s.chat_prompt), lane=Lane.CHAT, reply_max_tokens=s.reply_max_tokens
+            self.engine, chat.prompt(s.chat_prompt), lane=Lane.CHAT, reply_max_tokens=s.reply_max_tokens
         )
+        # Per other choice role: its head on the analysis pass (None: none was found, so its own
+        # prompt scores it), and the prompt-scoring roles made so far.
+        self._role_heads: dict[str, ChoiceHead | None] = {}
+        self._zero_shot: dict[str, ChoiceRole] = {}
 
     @classmethod
     def load(cls, settings: Settings | None = None, *, chat_lane_reads_hidden_states: bool = False) -> Assistant:
         """`chat_lane_reads_hidden_states`: even without a chat head (to train one)."""
         settings = settings or Settings()
+        roles = discover_roles(settings)
+        chat = roles.get(CHAT_ROLE)
         path = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
         start = time.perf_counter()
         sha = model_sha256(path, settings.resolved_home()) if path.is_file() else None
-        adapter = find_chat_adapter(settings, sha)
-        head, chat_head = find_heads(settings, sha, adapter)
+        chat_prompt = chat.prompt(settings.chat_prompt)
+        adapter = find_chat_adapter(settings, sha, chat_prompt)
+        head, chat_head = find_heads(settings, sha, roles.get(chat.mood_from), chat_prompt, adapter)
         # The chat lane gets a llama.cpp context of its own (full-size: a second KV cache) when a
         # chat head reads hidden states on it or it runs an adapter (llama.cpp sets adapters per context).
         own_chat_context = chat_head or adapter or chat_lane_reads_hidden_states
@@ -149,9 +184,9 @@ class Assistant:
             path,
             settings,
             n_lanes=len(Lane),
-            hidden_state_lanes=Lane.CHAT + 1 if own_chat_context else Lane.SENTIMENT + 1,
+            hidden_state_lanes=Lane.CHAT + 1 if own_chat_context else Lane.ANALYSIS + 1,
         )
-        assistant = cls(engine=engine, settings=settings, model_path=path)
+        assistant = cls(engine=engine, settings=settings, model_path=path, roles=roles)
         assistant.chat.use_adapter(adapter)
         assistant.use_heads(head, chat_head)
         assistant.load_seconds = time.perf_counter() - start
@@ -165,23 +200,111 @@ class Assistant:
             return None  # a Hugging Face directory: no single file to key a head by
         return model_sha256(self.model_path, self.settings.resolved_home())
 
-    def use_heads(self, head: SentimentHead | None, chat_head: SentimentHead | None) -> None:
+    def use_heads(self, head: ChoiceHead | None, chat_head: ChoiceHead | None) -> None:
         for h in (head, chat_head):
             if h is not None:
                 h.check_fits(self.engine.n_layers, self.engine.hidden_size)
         self.head, self.chat_head = head, chat_head
         self.analyst.use_head(head)
+        self._role_heads.clear()  # they read the analysis pass, which the head's adapter shapes
 
     def use_chat_adapter(self, adapter: ChatAdapter | None) -> None:
         """Run the chat lane with this adapter (None: the model's own weights), and read the
-        respond flow's sentiment with the chat head made for those weights, if there is one."""
+        respond flow's mood with the chat head made for those weights, if there is one."""
         self.chat.use_adapter(adapter)
-        self.use_heads(self.head, find_heads(self.settings, self.model_sha256(), adapter)[1])
+        self.use_heads(
+            self.head, find_heads(self.settings, self.model_sha256(), self.mood, self.chat.prompt, adapter)[1]
+        )
 
-    def attach_head(self) -> SentimentHead | None:
+    def attach_head(self) -> ChoiceHead | None:
         """Look the heads up again (after training one) and use them; returns the analyst's."""
-        self.use_heads(*find_heads(self.settings, self.model_sha256(), self.chat.adapter))
+        self.use_heads(*find_heads(self.settings, self.model_sha256(), self.mood, self.chat.prompt, self.chat.adapter))
         return self.head
+
+    # ---- other choice roles: heads on the analysis pass, or their own prompt -------------------
+    def analysis_point(self) -> ReadingPoint:
+        """Where the heads of choice roles other than the mood read: the analyst's scoring position,
+        on the weights its own head runs (its adapter changes what they read, so it is in the key)."""
+        point = self.analyst.reading_point()
+        point.prompt_alone = None  # its label words are the mood's, not the role's
+        if point.adapter is not None:
+            point.key = f"{point.key}@{file_sha256(point.adapter)[:12]}"
+        return point
+
+    def role_head(self, role: RoleDefinition) -> ChoiceHead | None:
+        """The role's learned head on the analysis pass, if one exists for this model (and the pass
+        has a head of its own to stop at the same depth)."""
+        if role.name == self.mood.name and role is self.roles.roles.get(role.name):
+            return self.head
+        if role.name not in self._role_heads or role.source == "request":
+            head = None
+            sha = self.model_sha256()
+            if self.settings.sentiment_head and sha and role.source != "request" and self.head is not None:
+                head = ChoiceHead.find(
+                    sha, self.analysis_point().key, self.head_directory(), role.name, role.label_names
+                )
+            if head is not None:
+                head.check_fits(self.engine.n_layers, self.engine.hidden_size)
+                if head.layers != self.head.layers:
+                    raise HeadError(
+                        f"the head of role {role.name!r} reads after block {head.layers}, but the analysis pass "
+                        f"stops after block {self.head.layers}: train it again"
+                    )
+            if role.source == "request":
+                return head
+            self._role_heads[role.name] = head
+        return self._role_heads[role.name]
+
+    def zero_shot(self, role: RoleDefinition) -> ChoiceRole:
+        """The role scored by its own prompt's label words, on the lane such roles share."""
+        made = self._zero_shot.get(role.name)
+        if made is None or made.role is not role:
+            made = ChoiceRole(
+                self.engine,
+                role,
+                lane=Lane.ZERO_SHOT,
+                max_text_chars=self.settings.max_text_chars,
+                max_text_tokens=self.settings.max_text_tokens,
+            )
+            if role.source != "request":
+                self._zero_shot[role.name] = made
+        return made
+
+    def analyze_roles(
+        self,
+        text: str,
+        roles: Sequence[str | RoleDefinition],
+        *,
+        heads: dict[str, ChoiceHead] | None = None,
+    ) -> dict[str, Choice]:
+        """Every role's answer for one text. The roles with a head share one pass: the analysis
+        pass is evaluated once and each head reads the same residual stream; the others are
+        scored by their own prompts, one after another. `heads`: role name -> a head to use instead
+        of the one found for the role (label-set evaluation)."""
+        validate_text(text, self.settings.max_text_chars)
+        definitions = [self.roles.get(r) if isinstance(r, str) else r for r in roles]
+        for role in definitions:
+            if role.kind != "choice":
+                raise InputError(f"role {role.name!r} is a {role.kind} role: analyze takes choice roles")
+        results: dict[str, Choice] = {}
+        chosen = {role.name: (heads or {}).get(role.name) or self.role_head(role) for role in definitions}
+        pooled = any(head is not None and head.pooled for head in chosen.values())
+        shared = None  # (hidden state, truncated, ms) of the analysis pass, once computed
+        for role in definitions:
+            start = time.perf_counter()
+            head = chosen[role.name]
+            if head is None:
+                is_mood = role is self.mood
+                results[role.name] = (self.analyst if is_mood else self.zero_shot(role)).analyze(text)
+                continue
+            if shared is None:
+                hidden, truncated = self.analyst.hidden_state(text, pooled=pooled)
+                shared = (hidden, truncated, (time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+            probs = head.probabilities(shared[0])
+            ms = shared[2] + (time.perf_counter() - start) * 1000
+            results[role.name] = Choice.from_probabilities(role.label_names, probs, ms, shared[1])
+        return results
 
     def default_sampling(self) -> Sampling:
         s = self.settings
@@ -201,7 +324,8 @@ class Assistant:
         s = self.settings
         return Sampling(max_tokens=s.reply_max_tokens, temperature=s.temperature, top_p=s.top_p)
 
-    def analyze(self, text: str, *, method: str = "score") -> Sentiment:
+    def analyze(self, text: str, *, method: str = "score") -> Choice:
+        """The mood role's answer (sentiment, by default) by one of its methods."""
         if method == "score":
             return self.analyst.analyze(text)
         if method == "prompt":  # the prompt's two label tokens alone, even when a head is attached
@@ -213,7 +337,7 @@ class Assistant:
                 raise ValueError("no chat head: the respond flow asks the analyst")
             validate_text(text, self.settings.max_text_chars)
             tokens, _, message_end = self.chat.prompt_tokens([], text, None, 1)
-            return self._sentiment_on_the_chat_pass(tokens[:message_end])
+            return self._mood_on_the_chat_pass(tokens[:message_end])
         raise ValueError(f"unknown method {method!r} (score, prompt, seed or chat)")
 
     def respond(
@@ -248,7 +372,7 @@ class Assistant:
         cached = None  # prompt tokens this respond did not evaluate: known after its first pass
         if self.chat_head is not None and shared_prefill:
             probe, dropped, message_end = self.chat.prompt_tokens(turns, message, None, sampling.max_tokens)
-            sentiment = self._sentiment_on_the_chat_pass(probe[:message_end])
+            sentiment = self._mood_on_the_chat_pass(probe[:message_end])
             cached = self.engine.last_stats.reused
             tokens, _, _ = self.chat.prompt_tokens(turns[dropped:], message, sentiment.label, sampling.max_tokens)
         else:
@@ -278,12 +402,11 @@ class Assistant:
 
         return Response(sentiment, deltas(), finish, stats)
 
-    def _sentiment_on_the_chat_pass(self, tokens: list[int]) -> Sentiment:
+    def _mood_on_the_chat_pass(self, tokens: list[int]) -> Choice:
         start = time.perf_counter()
         hidden = self.engine.hidden_state(tokens, self.chat_head.layers, lane=Lane.CHAT, complete=True)
-        return Sentiment.from_positive(
-            self.chat_head.positive_probability(hidden), (time.perf_counter() - start) * 1000
-        )
+        probs = self.chat_head.probabilities(hidden)
+        return Choice.from_probabilities(self.mood.label_names, probs, (time.perf_counter() - start) * 1000)
 
     def complete(
         self,

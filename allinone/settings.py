@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     chat_prompt: str = Field(
         "warm", description="Name of the chat prompt (see `allinone roles`); 'original' is the first recipe."
     )
+    role_paths: str | None = Field(
+        None,
+        description="Role files (or directories of them) to add to the built-in roles and <home>/roles, "
+        "separated by the path separator (':'); a role of the same name replaces the built-in one.",
+    )
     max_text_chars: int = Field(20_000, ge=1, description="Texts longer than this are rejected outright.")
     max_text_tokens: int = Field(
         1024,

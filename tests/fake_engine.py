@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from allinone.engine.base import Engine
+from allinone.roles.choice import ChoiceRole
+from allinone.roles.definition import RoleRegistry
 
 SPECIALS = {"<|im_end|>": 256, "<|im_start|>": 257, "<|endoftext|>": 258}
 # Whole-word tokens, as in a real BPE vocabulary, so label words are single tokens.
@@ -25,13 +27,29 @@ OUTPUT_WEIGHT = np.random.default_rng(1234).normal(size=(VOCAB, HIDDEN)) / np.sq
 GUARDS_OFF = {"reply_max_copy": 0, "reply_no_repeat_ngram": 0, "reply_min_tokens": 0}
 
 
+BUILTIN_ROLES = RoleRegistry.discover(None)
+
+
+def sentiment_role():
+    return BUILTIN_ROLES.get("sentiment")
+
+
+def make_analyst(engine, prompt: str = "original", lane: int = 0) -> ChoiceRole:
+    """The sentiment role on an engine, under one of its prompts (the analyst of the service)."""
+    return ChoiceRole(engine, sentiment_role(), sentiment_role().prompt(prompt), lane=lane)
+
+
+def chat_prompt(name: str = "warm"):
+    return BUILTIN_ROLES.get("chat").prompt(name)
+
+
 def runs(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
     """Every run of n consecutive tokens, in order (what the n-gram and copy guards look at)."""
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 class FakeEngine(Engine):
-    def __init__(self, reply: str = "Hello there.", n_ctx: int = 512, n_lanes: int = 3):
+    def __init__(self, reply: str = "Hello there.", n_ctx: int = 512, n_lanes: int = 5):
         super().__init__(n_lanes)
         self.n_ctx = n_ctx
         self.n_vocab = VOCAB
@@ -91,9 +109,12 @@ class FakeEngine(Engine):
         return self._logits(self._run(lane, tokens, start, LAYERS))
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
     ) -> np.ndarray:
-        return self.model_hidden_state(self._run(lane, tokens, start, layers if stop else LAYERS), layers)
+        history = self._run(lane, tokens, start, layers if stop else LAYERS)
+        if rows:
+            return np.stack([self.model_hidden_state(history[: start + i + 1], layers) for i in range(len(tokens))])
+        return self.model_hidden_state(history, layers)
 
     def model_hidden_state(self, history: Sequence[int], layers: int = LAYERS) -> np.ndarray:
         """What the fake model's residual stream holds after `layers` blocks at the last position."""

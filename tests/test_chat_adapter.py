@@ -5,7 +5,7 @@ import json
 import pytest
 
 from allinone.roles.adapter import AdapterError, ChatAdapter, file_sha256
-from allinone.roles.prompts import chat_prompt
+from tests.fake_engine import chat_prompt
 
 
 def make_adapter(tmp_path, content=b"not really a gguf", prompt="chat-warm"):

@@ -347,4 +347,4 @@ def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_en
     assert detected() == ["负面", "正面"]  # the user's head, trained on inverted labels, wins
     assert detected("--shared-prefill", "false") == ["正面", "负面"]  # the analyst's head, on its own pass
     code, _, err = run(["train-head", str(data), "--role", "chat", "--chat-prompt", "original"], env)
-    assert code == 2 and "puts the sentiment tag before the message" in err
+    assert code == 2 and "puts the mood tag before the message" in err

@@ -11,9 +11,8 @@ import pytest
 
 from allinone.engine.base import Sampling
 from allinone.engine.text import TextStream
-from allinone.roles.prompts import sentiment_prompt
-from allinone.roles.sentiment import SentimentAnalyst
 from allinone.roles.template import ChatTemplate
+from tests.fake_engine import make_analyst
 
 ENGINES = ["transformers-tiny", "llamacpp-default"]
 # Lanes 0-2 are the service's (sentiment, chat, completion); the tests use all four. On llama.cpp,
@@ -82,7 +81,7 @@ TEXTS = ["这家酒店的服务很周到。", "这家酒店的服务太差了。
 
 
 def test_cached_scores_equal_full_recompute(engine):
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    analyst = make_analyst(engine, "original", lane=0)
     cached = []
     for i, text in enumerate(TEXTS):
         cached.append(analyst.label_logprobs(text)[0])
@@ -99,7 +98,7 @@ def test_cached_scores_equal_full_recompute(engine):
     "text", ["房间干净,早餐也不错,下次还会再来。", "The battery died after two days, what a waste."]
 )
 def test_scores_do_not_depend_on_where_the_cache_split_the_prompt(engine, text):
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    analyst = make_analyst(engine, "original", lane=0)
     tokens, _ = analyst.prompt_tokens(text)
     engine.forget()
     full = engine.score(tokens, analyst.candidates)
@@ -120,7 +119,7 @@ def test_borrowed_prefix_from_another_lane_scores_the_same(engine, donor, borrow
     # passes read hidden states, and lane 0 may run with a LoRA adapter): nothing to borrow there,
     # the borrower recomputes, and the result must be the same either way.
     shared = engine.can_share(donor, borrower)
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=donor)
+    analyst = make_analyst(engine, "original", lane=donor)
     tokens, _ = analyst.prompt_tokens("The room was clean and quiet.")
     other, _ = analyst.prompt_tokens("The room was dirty and loud.")
     engine.score(tokens, analyst.candidates, lane=donor)

@@ -10,22 +10,28 @@ import numpy as np
 import pytest
 
 from allinone.roles.head import (
+    ChoiceHead,
     HeadError,
-    SentimentHead,
     check_training_labels,
     default_layers,
-    fit_logistic,
+    fit_softmax,
     normalise,
     train_head,
 )
-from allinone.roles.prompts import sentiment_prompt
-from allinone.roles.sentiment import SentimentAnalyst
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine, chat_prompt, make_analyst
 
 
 @pytest.fixture()
 def analyst():
-    return SentimentAnalyst(FakeEngine(n_ctx=4096), sentiment_prompt("original"))
+    return make_analyst(FakeEngine(n_ctx=4096), "original")
+
+
+LABELS = ("positive", "negative")
+
+
+def train(analyst, texts, labels, **options):
+    options = {"model_sha256": "abc", "role": "sentiment", **options}
+    return train_head(analyst.reading_point(), texts, labels, LABELS, **options)
 
 
 def texts_and_labels(analyst, n=120, seed=0, layers=2):
@@ -94,17 +100,17 @@ def test_default_depth_is_five_eighths_of_the_model():
     assert default_layers(24) == 15 and default_layers(4) == 2 and default_layers(1) == 1
 
 
-def test_fit_logistic_separates_separable_data():
+def test_fit_softmax_separates_separable_data_with_several_labels():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 3))
-    y = (x[:, 0] - x[:, 1] > 0).astype(float)
-    w = fit_logistic(x, y, l2=1.0)
-    assert np.mean(((x @ w[:-1] + w[-1]) > 0) == (y == 1)) > 0.97
+    x = rng.normal(size=(300, 3))
+    y = np.argmax(x @ np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, 0.0, 1.0]]), axis=1)
+    w = fit_softmax(x, y, 3, l2=1.0)
+    assert np.mean(np.argmax(x @ w[:-1] + w[-1], axis=1) == y) > 0.95
 
 
 def test_training_learns_what_the_prompt_does_not_know(analyst):
     texts, labels = texts_and_labels(analyst, n=200)
-    head, report = train_head(analyst.reading_point(), texts, labels, model_sha256="abc", layers=2)
+    head, report = train(analyst, texts, labels, layers=2)
     assert report["layers"] == head.layers == 2
     assert report["heldout_accuracy_head"] >= 0.85
     assert report["heldout_accuracy_prompt"] < 0.75  # the prompt's margin is unrelated to the rule
@@ -120,36 +126,65 @@ def test_training_learns_what_the_prompt_does_not_know(analyst):
 def test_a_depth_outside_the_model_is_refused(analyst, layers):
     texts, labels = texts_and_labels(analyst, n=20)
     with pytest.raises(HeadError, match="layers must be in 1..3"):
-        train_head(analyst.reading_point(), texts, labels, model_sha256="abc", layers=layers)
+        train(analyst, texts, labels, layers=layers)
 
 
 def test_a_head_at_the_wrong_depth_learns_nothing(analyst):
     texts, labels = texts_and_labels(analyst, n=200, layers=2)
-    _, report = train_head(analyst.reading_point(), texts, labels, model_sha256="abc", layers=1)
+    _, report = train(analyst, texts, labels, layers=1)
     assert report["heldout_accuracy_head"] < 0.75
 
 
 def test_head_file_round_trip_and_lookup(tmp_path, analyst):
     texts, labels = texts_and_labels(analyst, n=40)
-    head, _ = train_head(analyst.reading_point(), texts, labels, model_sha256="f00d", source="mine.jsonl")
+    head, _ = train(analyst, texts, labels, model_sha256="f00d", source="mine.jsonl")
     path = head.save(tmp_path)
-    assert path.name == "f00d.original.json"
-    again = SentimentHead.find("f00d", "original", tmp_path)
-    assert np.allclose(again.weights, head.weights) and again.bias == head.bias and again.layers == head.layers
+    assert path.name == "f00d.original.sentiment.json"
+    again = ChoiceHead.find("f00d", "original", tmp_path, "sentiment", LABELS)
+    assert np.allclose(again.weights, head.weights) and np.allclose(again.bias, head.bias)
+    assert again.layers == head.layers and again.labels == LABELS
     assert again.info["source"] == "mine.jsonl"
-    assert SentimentHead.find("f00d", "original-chat", tmp_path) is None
-    assert SentimentHead.find("beef", "original", tmp_path) is None
+    assert ChoiceHead.find("f00d", "original-chat", tmp_path, "sentiment", LABELS) is None
+    assert ChoiceHead.find("beef", "original", tmp_path, "sentiment", LABELS) is None
+    # A head made for other labels is refused by name, not silently misread.
+    with pytest.raises(HeadError, match="trained for the labels"):
+        ChoiceHead.find("f00d", "original", tmp_path, "sentiment", ("negative", "positive"))
+
+
+def test_a_format_3_head_loads_as_a_two_label_head_of_the_role_that_asks(tmp_path):
+    """The heads that shipped before roles were data: one weight row, no label list."""
+    weights = np.random.default_rng(3).normal(size=16)
+    (tmp_path / "f00d.fewshot.json").write_text(
+        json.dumps(
+            {
+                "format": 3,
+                "model_sha256": "f00d",
+                "prompt": "fewshot",
+                "layers": 2,
+                "bias": 0.25,
+                "weights": list(weights),
+                "adapter": None,
+            }
+        )
+    )
+    head = ChoiceHead.find("f00d", "fewshot", tmp_path, "sentiment", LABELS)
+    hidden = np.random.default_rng(4).normal(size=16)
+    positive = 1 / (1 + np.exp(-(normalise(hidden) @ weights + 0.25)))
+    assert head.labels == LABELS and np.allclose(head.probabilities(hidden), [positive, 1 - positive])
+    with pytest.raises(HeadError, match="2-label head cannot serve"):
+        ChoiceHead.load(tmp_path / "f00d.fewshot.json").for_labels(("a", "b", "c"), "emotion")
+    assert ChoiceHead.find("f00d", "fewshot", tmp_path, "emotion", ("a", "b", "c")) is None
 
 
 def test_a_broken_head_file_is_a_clear_error(tmp_path):
-    path = tmp_path / SentimentHead.filename("f00d", "original")
+    path = tmp_path / ChoiceHead.filename("f00d", "original", "sentiment")
     path.write_text("{not json")
-    with pytest.raises(HeadError, match="not a sentiment head"):
-        SentimentHead.find("f00d", "original", tmp_path)
+    with pytest.raises(HeadError, match="not a head file"):
+        ChoiceHead.find("f00d", "original", tmp_path, "sentiment", LABELS)
     path.write_text(json.dumps({"format": 1}))
     with pytest.raises(HeadError, match="train it again"):
-        SentimentHead.load(path)
-    head = SentimentHead(model_sha256="f00d", prompt="original", layers=30, weights=np.zeros(16), bias=0.0)
+        ChoiceHead.load(path)
+    head = ChoiceHead(model_sha256="f00d", point="original", layers=30, weights=np.zeros(16), bias=0.0)
     with pytest.raises(HeadError, match="does not fit"):
         head.check_fits(n_layers=24, n_embd=16)
 
@@ -159,38 +194,42 @@ def test_a_broken_head_file_is_a_clear_error(tmp_path):
     [
         (["positive", "negative"] * 5, "too few"),
         (["positive"] * 30, "only 0 'negative'"),
-        (["positive"] * 27 + ["negative"] * 3, "only 3 'negative'"),
+        (["positive"] * 28 + ["negative"] * 2, "only 2 'negative'"),
     ],
 )
 def test_unusable_training_labels_are_refused(labels, message):
     with pytest.raises(HeadError, match=message):
-        check_training_labels(labels)
+        check_training_labels(labels, LABELS)
 
 
 def test_a_head_with_an_adapter_round_trips_and_a_missing_adapter_is_a_clear_error(tmp_path):
     adapter = tmp_path / "trained.gguf"
     adapter.write_bytes(b"GGUF adapter bytes")
-    head = SentimentHead(
-        model_sha256="f00d", prompt="fewshot", layers=2, weights=np.ones(16), bias=0.5, adapter=adapter
-    )
+    head = ChoiceHead(
+        model_sha256="f00d", point="fewshot", layers=2, weights=np.ones(16), bias=0.5, adapter=adapter
+    ).for_labels(LABELS, "sentiment")
     store = tmp_path / "heads"
     path = head.save(store)
-    again = SentimentHead.find("f00d", "fewshot", store)
+    assert path.name == "f00d.fewshot.sentiment.json"
+    again = ChoiceHead.find("f00d", "fewshot", store, "sentiment", LABELS)
     assert again.adapter == store / "f00d.fewshot.lora.gguf" and again.adapter.read_bytes() == b"GGUF adapter bytes"
     # A head trained again without an adapter replaces both files: no stale adapter is left to apply.
-    SentimentHead(model_sha256="f00d", prompt="fewshot", layers=2, weights=np.ones(16), bias=0.5).save(store)
-    assert SentimentHead.find("f00d", "fewshot", store).adapter is None
+    ChoiceHead(model_sha256="f00d", point="fewshot", layers=2, weights=np.ones(16), bias=0.5).for_labels(
+        LABELS, "sentiment"
+    ).save(store)
+    assert ChoiceHead.find("f00d", "fewshot", store, "sentiment", LABELS).adapter is None
     assert not (store / "f00d.fewshot.lora.gguf").exists()
     head.save(store)
     (store / "f00d.fewshot.lora.gguf").unlink()
     with pytest.raises(HeadError, match="adapter f00d.fewshot.lora.gguf is missing"):
-        SentimentHead.load(path)
-    # Format 2 (before adapters) still loads, as a head without one.
-    payload = json.loads(path.read_text())
-    payload.update(format=2)
-    del payload["adapter"]
-    path.write_text(json.dumps(payload))
-    assert SentimentHead.load(path).adapter is None
+        ChoiceHead.load(path)
+    # Format 2 (before adapters) still loads, as a two-label head without one.
+    path.write_text(
+        json.dumps(
+            {"format": 2, "model_sha256": "f00d", "prompt": "fewshot", "layers": 2, "bias": 0.5, "weights": [1.0] * 16}
+        )
+    )
+    assert ChoiceHead.load(path).adapter is None
 
 
 class AdapterEngine(FakeEngine):
@@ -220,11 +259,11 @@ def test_the_heads_adapter_runs_for_the_heads_passes_only(tmp_path):
     """The adapter is trained with the head: the prompt-only and seed methods, and a new head's
     training, must read the model's own weights."""
     engine = AdapterEngine()
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"))
+    analyst = make_analyst(engine, "original")
     adapter = tmp_path / "a.gguf"
-    head = SentimentHead(
-        model_sha256="f00d", prompt="original", layers=2, weights=np.ones(16), bias=0.0, adapter=adapter
-    )
+    head = ChoiceHead(
+        model_sha256="f00d", point="original", layers=2, weights=np.ones(16), bias=0.0, adapter=adapter
+    ).for_labels(LABELS, "sentiment")
     analyst.use_head(head)
     assert engine.lane_adapter == {0: adapter}
     analyst.analyze("good")
@@ -232,10 +271,13 @@ def test_the_heads_adapter_runs_for_the_heads_passes_only(tmp_path):
     analyst.warm_prefix()
     analyst.analyze("good")
     assert engine.passes == [("head", adapter), ("prompt", None), ("prompt", adapter), ("head", adapter)]
-    with pytest.raises(HeadError, match="other weights than the ones it is meant for"):
-        train_head(analyst.reading_point(), *texts_and_labels(analyst, n=40), model_sha256="f00d")
+    # A head trained on this pass reads what the lane runs: the adapted weights, named by the point.
+    point = analyst.reading_point()
+    assert point.adapter == adapter
     analyst.use_head(None)
     assert engine.lane_adapter == {}
+    with pytest.raises(HeadError, match="other weights than the ones it is meant for"):
+        train_head(point, *texts_and_labels(analyst, n=40), LABELS, role="sentiment", model_sha256="f00d")
 
 
 def test_an_engine_without_adapter_support_refuses_one(tmp_path):
@@ -253,7 +295,6 @@ def test_a_chat_head_reads_the_weights_the_chat_lane_runs(tmp_path):
     from allinone.roles.adapter import ChatAdapter
     from allinone.roles.chat import ChatRole
     from allinone.roles.head import collect_features
-    from allinone.roles.prompts import chat_prompt
 
     engine = AdapterEngine()
     chat = ChatRole(engine, chat_prompt("warm"), lane=1)

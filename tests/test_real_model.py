@@ -8,7 +8,7 @@ import pytest
 from allinone.conversation.history import Conversation
 from allinone.engine.base import Sampling
 from allinone.engine.text import TextStream
-from allinone.roles.sentiment import InputError
+from allinone.roles.inputs import InputError
 
 CLEAR_CASES = [
     ("今天的实验终于成功了,太棒了!", "positive"),
@@ -24,7 +24,7 @@ def test_default_model_is_the_verified_qwen_in_its_derived_form(default_model_pa
     assert default_model_path.stat().st_size == FAST_MODEL.size
     assert assistant.model_sha256() == FAST_MODEL.sha256
     # ... and the packaged learned head for it is in use
-    assert assistant.head is not None and assistant.head.prompt == assistant.settings.sentiment_prompt
+    assert assistant.head is not None and assistant.head.point == assistant.settings.sentiment_prompt
 
 
 @pytest.mark.parametrize("text,expected", CLEAR_CASES)
@@ -78,14 +78,14 @@ def test_head_probabilities_after_cache_reuse_equal_fresh_ones(assistant, with_a
         ]
         served = []
         for text in texts:
-            served.append(analyst.positive_probability(text).value)
+            served.append(analyst.probabilities(text)[0][0])
             assert engine.last_stats.reused >= len(analyst.prefix_tokens) - 8
         if not with_adapter:
             full_after_shallow = analyst.label_logprobs(texts[-1])[0]
             assert engine.last_stats.reused > 0
         for text, with_cache in zip(texts, served, strict=True):
             engine.forget()
-            assert abs(analyst.positive_probability(text).value - with_cache) < 1e-3, text
+            assert abs(analyst.probabilities(text)[0][0] - with_cache) < 1e-3, text
         if not with_adapter:
             engine.forget()
             np.testing.assert_allclose(analyst.label_logprobs(texts[-1])[0], full_after_shallow, atol=1e-3)
@@ -104,7 +104,7 @@ def test_the_packaged_heads_adapter_changes_only_its_blocks_on_the_sentiment_lan
     assert head.adapter is not None and head.adapter.is_file()
     text = "The room was clean and quiet, but the staff never smiled."
     tokens, _ = analyst.prompt_tokens(text)
-    adapted = analyst.positive_probability(text).value
+    adapted = analyst.probabilities(text)[0][0]
     assert engine.lane_adapter[0] == head.adapter  # (lane 1 runs the chat role's own)
     below_adapted = engine.hidden_state(tokens, 12)
     top_adapted = engine.hidden_state(tokens, head.layers)
@@ -114,7 +114,7 @@ def test_the_packaged_heads_adapter_changes_only_its_blocks_on_the_sentiment_lan
     assert np.linalg.norm(top_adapted - top_plain) > 0.05 * np.linalg.norm(top_plain)
     analyst.use_head(head)
     assert assistant.analyze(text, method="prompt").probability is not None and 0 not in engine.lane_adapter
-    assert abs(analyst.positive_probability(text).value - adapted) < 1e-3
+    assert abs(analyst.probabilities(text)[0][0] - adapted) < 1e-3
     assert engine.lane_adapter[0] == head.adapter
     with pytest.raises(EngineError, match="shares its llama.cpp context"):
         engine.use_adapter(2, head.adapter)  # the completion lanes share a context
@@ -140,7 +140,7 @@ def test_one_pass_for_both_roles_replies_as_a_fresh_evaluation_does(assistant):
     the reply continues from those KV entries: it must be the reply a fresh evaluation of the
     whole prompt gives, and block 15 read on a complete pass must be block 15 of a stopped one."""
     engine, chat = assistant.engine, assistant.chat
-    assert assistant.chat_head is not None and assistant.chat_head.prompt == assistant.chat.head_key
+    assert assistant.chat_head is not None and assistant.chat_head.point == assistant.chat.head_key
     message = "考研成绩出来了,比预期高了二十分!"
     sampling = Sampling(max_tokens=24)
     engine.forget()
@@ -168,7 +168,7 @@ def test_the_chat_adapter_changes_the_chat_lane_only(assistant):
     adapter = chat.adapter
     assert adapter is not None and file_sha256(adapter.path) == adapter.sha256
     assert engine.lane_adapter == {0: assistant.head.adapter, 1: adapter.path}
-    assert assistant.chat_head.prompt == chat.prompt.head_key(adapter.sha256)
+    assert assistant.chat_head.point == chat.prompt.head_key(adapter.sha256)
     texts = [t for t, _ in CLEAR_CASES]
     with_chat_adapter = [assistant.analyze(t).probability for t in texts]
     message = "I got my first job offer as a software engineer."
@@ -177,7 +177,7 @@ def test_the_chat_adapter_changes_the_chat_lane_only(assistant):
     try:
         assistant.use_chat_adapter(None)
         assert engine.lane_adapter == {0: assistant.head.adapter}
-        assert assistant.chat_head is None or assistant.chat_head.prompt == "chat-warm"
+        assert assistant.chat_head is None or assistant.chat_head.point == "chat-warm"
         assert [assistant.analyze(t).probability for t in texts] == with_chat_adapter
         plain = assistant.respond(Conversation(), message, sampling=sampling).text()
     finally:

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 
 from allinone.conversation.history import Conversation, Turn, fit_turns
-from allinone.roles.prompts import SENTIMENT_PROMPTS
-from allinone.roles.sentiment import InputError, SentimentAnalyst
+from allinone.roles.inputs import InputError
 from allinone.service import Assistant
 from allinone.settings import Settings
 
-from .fake_engine import GUARDS_OFF, WORDS, FakeEngine, runs
+from .fake_engine import GUARDS_OFF, WORDS, FakeEngine, make_analyst, runs
 
 
 def make_assistant(n_ctx=2048, **overrides):
@@ -24,9 +23,9 @@ def make_assistant(n_ctx=2048, **overrides):
 
 def test_label_candidates_come_from_the_prompt():
     engine = FakeEngine()
-    plain = SentimentAnalyst(engine, SENTIMENT_PROMPTS["original"])
+    plain = make_analyst(engine, "original")
     assert plain.candidates == [WORDS[" Positive"], WORDS[" Negative"]]
-    chat = SentimentAnalyst(engine, SENTIMENT_PROMPTS["original-chat"])
+    chat = make_analyst(engine, "original-chat")
     assert chat.candidates == [WORDS["Positive"], WORDS["Negative"]]
 
 
@@ -175,12 +174,12 @@ def test_a_reply_to_an_english_message_cannot_use_east_asian_characters():
 
 def with_chat_head(assistant, layers=2):
     """Attach a chat head (random weights) to a fake-engine assistant, as attach_head would."""
-    from allinone.roles.head import SentimentHead
+    from allinone.roles.head import ChoiceHead
 
     weights = np.random.default_rng(5).normal(size=assistant.engine.hidden_size)
-    assistant.chat_head = SentimentHead(
-        model_sha256="fake", prompt=assistant.chat.prompt.head_key(), layers=layers, weights=weights, bias=0.0
-    )
+    assistant.chat_head = ChoiceHead(
+        model_sha256="fake", point=assistant.chat.prompt.head_key(), layers=layers, weights=weights, bias=0.0
+    ).for_labels(assistant.mood.label_names, assistant.mood.name)
     return assistant
 
 
@@ -194,8 +193,8 @@ def test_tokens_up_to_the_message_end_do_not_depend_on_the_sentiment():
         tokens, dropped, label_end = chat.prompt_tokens(conversation.turns, "I passed!", label, 64)
         assert label_end == end and tokens[:end] == unknown[:end] and dropped == 0
         assert assistant.engine.detokenize(tokens[:end]).endswith("I passed!")
-    assert chat.prompt.sentiment_follows_message
-    assert not make_assistant(chat_prompt="original").chat.prompt.sentiment_follows_message
+    assert chat.prompt.mood_follows_message
+    assert not make_assistant(chat_prompt="original").chat.prompt.mood_follows_message
 
 
 def test_shared_prefill_reads_the_sentiment_on_the_chat_lane_and_evaluates_the_message_once():
@@ -206,7 +205,7 @@ def test_shared_prefill_reads_the_sentiment_on_the_chat_lane_and_evaluates_the_m
     assert response.text() == "谢谢你的分享!"
     probe, _, end = shared.chat.prompt_tokens([], "我升职了!", None, 256)
     hidden = shared.engine.model_hidden_state(probe[:end], 2).astype(np.float32)  # as engines return it
-    expected = shared.chat_head.positive_probability(hidden)
+    expected = shared.chat_head.probabilities(hidden)[0]
     assert response.sentiment.label == ("positive" if expected >= 0.5 else "negative")
     assert math.isclose(response.sentiment.probability, max(expected, 1 - expected))
     shared_cost = shared.engine.decoded_tokens - before
@@ -236,19 +235,19 @@ def test_shared_prefill_second_turn_reuses_the_first_and_can_be_turned_off_per_c
 
 
 def test_chat_head_needs_the_tag_after_the_message(tmp_path):
-    from allinone.roles.head import SentimentHead
+    from allinone.roles.head import ChoiceHead
 
     for chat_prompt, expect_head in (("warm", True), ("original", False)):
         assistant = make_assistant(chat_prompt=chat_prompt)
         assistant.settings = assistant.settings.model_copy(update={"home": tmp_path})
         assistant.model_sha256 = lambda: "f00d"
-        SentimentHead(
+        ChoiceHead(
             model_sha256="f00d",
-            prompt=assistant.chat.prompt.head_key(),
+            point=assistant.chat.prompt.head_key(),
             layers=2,
             weights=np.zeros(assistant.engine.hidden_size),
             bias=0.0,
-        ).save(tmp_path / "heads")
+        ).for_labels(("positive", "negative"), "sentiment").save(tmp_path / "heads")
         assistant.attach_head()
         assert (assistant.chat_head is not None) == expect_head
         off = make_assistant(chat_prompt=chat_prompt, shared_prefill=False)
@@ -265,24 +264,24 @@ def test_a_chat_head_is_used_only_with_the_weights_it_read(tmp_path):
     """A head trained on the chat lane with an adapter is keyed by that adapter: it is found when
     the lane runs that adapter, never for the model's own weights (and the other way round)."""
     from allinone.roles.adapter import ChatAdapter
-    from allinone.roles.head import SentimentHead
+    from allinone.roles.head import ChoiceHead
 
     assistant = make_assistant()
     assistant.settings = assistant.settings.model_copy(update={"home": tmp_path})
     assistant.model_sha256 = lambda: "f00d"
     adapter = ChatAdapter(model_sha256="f00d", prompt="chat-warm", path=tmp_path / "a.gguf", sha256="5a" * 32)
-    SentimentHead(
+    ChoiceHead(
         model_sha256="f00d",
-        prompt=assistant.chat.prompt.head_key(adapter.sha256),
+        point=assistant.chat.prompt.head_key(adapter.sha256),
         layers=2,
         weights=np.zeros(assistant.engine.hidden_size),
         bias=0.0,
-    ).save(tmp_path / "heads")
+    ).for_labels(("positive", "negative"), "sentiment").save(tmp_path / "heads")
     assistant.attach_head()
     assert assistant.chat_head is None  # the lane runs the model's own weights
     assistant.chat.adapter = adapter  # as use_adapter leaves it (the fake engine takes no adapter)
     assistant.attach_head()
-    assert assistant.chat_head is not None and assistant.chat_head.prompt == "chat-warm@5a5a5a5a5a5a"
+    assert assistant.chat_head is not None and assistant.chat_head.point == "chat-warm@5a5a5a5a5a5a"
 
 
 def test_the_reply_may_not_hand_the_message_back():

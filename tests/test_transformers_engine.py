@@ -13,10 +13,9 @@ import pytest
 
 from allinone.engine import EngineError, open_engine, pick_engine
 from allinone.engine.base import Sampling, log_softmax
-from allinone.roles.prompts import sentiment_prompt
-from allinone.roles.sentiment import SentimentAnalyst
 from allinone.roles.template import ChatTemplate
 from allinone.settings import Settings
+from tests.fake_engine import make_analyst, sentiment_role
 
 RECIPE_TEXTS = ["今天的实验终于成功了,太棒了!", "The service was slow and the food was cold.", "Not bad at all."]
 
@@ -37,7 +36,7 @@ def hf_greedy(engine, tokens, max_new_tokens=10):
 @pytest.mark.parametrize("text", RECIPE_TEXTS)
 def test_greedy_generation_equals_hf_generate_and_seed_method_reproduces_the_recipe(tiny_engine, text):
     engine = tiny_engine
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    analyst = make_analyst(engine, "original", lane=0)
     tokens, _ = analyst.prompt_tokens(text)
     expected = hf_greedy(engine, tokens)
     engine.forget()
@@ -53,7 +52,7 @@ def test_greedy_generation_equals_hf_generate_and_seed_method_reproduces_the_rec
 
 def test_scoring_projects_only_the_candidate_rows(tiny_engine, monkeypatch):
     engine = tiny_engine
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    analyst = make_analyst(engine, "original", lane=0)
     tokens, _ = analyst.prompt_tokens("The room was clean.")
     engine.forget()
     full = log_softmax(engine.logits(tokens, lane=0)[analyst.candidates])
@@ -70,7 +69,7 @@ def test_lane_caches_hold_exactly_their_tokens_over_many_requests(tiny_engine):
     """No leak: after many requests each lane's cache stores its own tokens' keys/values and no
     larger buffer (a view into a bigger tensor would keep that tensor alive)."""
     engine = tiny_engine
-    analyst = SentimentAnalyst(engine, sentiment_prompt("original"), lane=0)
+    analyst = make_analyst(engine, "original", lane=0)
     engine.forget()
     for i in range(120):
         analyst.label_logprobs(f"request {i}: " + "好" * (i % 7))
@@ -98,7 +97,7 @@ def test_bfloat16_loads_and_scores(tiny_model_dir):
     assert "bfloat16" in bf16.description and bf16.hf_model.dtype == torch.bfloat16
     # (the random tiny model is too chaotic to compare bfloat16 with float32 numbers; the real
     # model's figures are in the README)
-    logprobs = SentimentAnalyst(bf16, sentiment_prompt("original"), lane=0).label_logprobs("good")[0]
+    logprobs = make_analyst(bf16, "original", lane=0).label_logprobs("good")[0]
     assert np.isfinite(logprobs).all() and abs(np.exp(logprobs).sum() - 1) < 1e-3
     assert list(bf16.generate(bf16.tokenize("hello"), Sampling(max_tokens=3)))
     with pytest.raises(EngineError, match="dtype"):
@@ -223,8 +222,8 @@ def test_the_packaged_adapters_run_through_transformers_too(hf_assistant, assist
 def test_the_benchmarks_original_recipe_agrees_with_the_seed_method(tiny_model_dir, tiny_engine):
     from allinone.evaluation.original import OriginalRecipe
 
-    recipe = OriginalRecipe(tiny_model_dir, sentiment_prompt("original").template, Settings(threads=1))
-    analyst = SentimentAnalyst(tiny_engine, sentiment_prompt("original"), lane=0)
+    recipe = OriginalRecipe(tiny_model_dir, sentiment_role().prompt("original").template, Settings(threads=1))
+    analyst = make_analyst(tiny_engine, "original", lane=0)
     for text in RECIPE_TEXTS:
         assert recipe.analyze(text).label == analyst.analyze_by_generation(text).label
 

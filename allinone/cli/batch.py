@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..evaluation.data import DataError, read_jsonl
-from ..roles.sentiment import InputError
+from ..roles.inputs import InputError
 
 
 def _same_item(done: dict, item: dict) -> bool:

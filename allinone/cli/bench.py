@@ -19,10 +19,11 @@ def cmd_bench(args, settings: Settings) -> int:
     from ..evaluation.bench import rss_mb
     from ..evaluation.benchmark import BenchError, BenchOptions, run_bench, spread_evenly
     from ..evaluation.data import DataError, load_labelled, read_jsonl
+    from ..service import discover_roles, mood_role
 
     texts = Path(args.texts) if args.texts else DEFAULT_TEXTS
     try:
-        items = load_labelled(texts)
+        items = load_labelled(texts, labels=mood_role(discover_roles(settings)).label_names)
     except DataError as err:
         raise CliError(f"{err} (choose the texts with --texts FILE)") from None
     items = spread_evenly(items, args.limit or (QUICK_TEXTS if args.quick else 0))

@@ -12,18 +12,36 @@ from .common import CliError, load_assistant, progress_bar, warn
 
 
 def cmd_eval(args, settings: Settings) -> int:
+    if args.labels:
+        return _eval_label_sets(args, settings)
+    if args.train:
+        raise CliError("--train goes with --labels (a head per source of the manifest)")
     from ..evaluation.data import DataError, load_labelled
-    from ..evaluation.metrics import calibration, draw_reliability, format_report, summarize
+    from ..evaluation.labelsets import macro_f1
+    from ..evaluation.metrics import calibration, draw_reliability, summarize
+    from ..roles.definition import RoleError
+    from ..service import discover_roles, mood_role
 
     try:
-        items = load_labelled(args.data)
-    except DataError as err:
+        registry = discover_roles(settings)
+        role = registry.get(args.role) if args.role else mood_role(registry)
+        if role.kind != "choice":
+            raise CliError(
+                f"role {role.name!r} is a {role.kind} role: eval takes choice roles (eval-chat judges replies)"
+            )
+        items = load_labelled(args.data, labels=role.label_names)
+    except (DataError, RoleError) as err:
         raise CliError(str(err)) from None
     if args.limit:
         items = items[: args.limit]
     if not items:
         raise CliError(f"{args.data} has no labelled texts")
     assistant = load_assistant(settings)
+    is_mood = role.name == assistant.mood.name
+    if not is_mood and args.method != "score":
+        raise CliError(
+            f"--method {args.method} is the sentiment analyst's; role {role.name!r} is scored by its head or prompt"
+        )
     if args.method == "chat" and assistant.chat_head is None:
         raise CliError(
             f"no chat head for this model, the {settings.chat_prompt!r} chat prompt and the chat lane's "
@@ -31,14 +49,23 @@ def cmd_eval(args, settings: Settings) -> int:
         )
     predictions, latencies, probabilities = [], [], []
     started = time.perf_counter()
-    with progress_bar(total=len(items), desc=f"eval ({args.method})", disable=args.quiet) as bar:
+    head = (
+        {"score": assistant.head, "chat": assistant.chat_head}.get(args.method)
+        if is_mood
+        else assistant.role_head(role)
+    )
+    with progress_bar(total=len(items), desc=f"eval {role.name} ({args.method})", disable=args.quiet) as bar:
         for item in items:
-            result = assistant.analyze(item["text"], method=args.method)
+            if is_mood:
+                result = assistant.analyze(item["text"], method=args.method)
+            else:
+                result = assistant.analyze_roles(item["text"], [role])[role.name]
             predictions.append(result.label)
             latencies.append(result.latency_ms)
             probabilities.append(result.probability)
             bar.update(1)
     report = summarize(items, predictions, latencies)
+    report["macro_f1"] = macro_f1([item["label"] for item in items], predictions)
     if None not in probabilities:
         correct = [p == item["label"] for p, item in zip(predictions, items, strict=True)]
         report["calibration"] = calibration(probabilities, correct)
@@ -46,16 +73,27 @@ def cmd_eval(args, settings: Settings) -> int:
             draw_reliability(
                 report["calibration"],
                 args.plot,
-                title=f"{Path(args.data).name}: {args.method}, {assistant.model_path.name}",
+                title=f"{Path(args.data).name}: {role.name} {args.method}, {assistant.model_path.name}",
             )
     elif args.plot:
         warn("the seed method gives no probabilities: no reliability diagram")
-    head = {"score": assistant.head, "chat": assistant.chat_head}.get(args.method)
     report.update(
         {
-            "method": args.method,
+            "role": role.name,
+            "method": args.method if is_mood else ("head" if head else "prompt"),
             "sentiment_prompt": settings.sentiment_prompt,
             "head": (str(head.info.get("source") or "packaged") if head else None),
+        }
+    )
+    _finish_report(report, assistant, started, args.json)
+    return 0
+
+
+def _finish_report(report: dict, assistant, started: float, as_json: bool) -> None:
+    from ..evaluation.metrics import format_report
+
+    report.update(
+        {
             "model": str(assistant.model_path),
             "engine": assistant.engine.description,
             "load_seconds": round(assistant.load_seconds, 3),
@@ -63,49 +101,134 @@ def cmd_eval(args, settings: Settings) -> int:
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
     )
-    if args.json:
+    if as_json:
         print(json.dumps(report, ensure_ascii=False))
-    else:
+        return
+    if "confusion" in report:
         print(format_report(report))
-        if "calibration" in report:
-            print(f"expected calibration error (10 bins): {report['calibration']['ece']:.3f}")
-        print(f"model load {report['load_seconds']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    else:
+        print(
+            f"n = {report['n']}   accuracy = {report['accuracy']:.3f}   macro F1 = {report['macro_f1']:.3f}   "
+            f"latency p50 = {report['latency_ms']['p50']:.0f} ms, p95 = {report['latency_ms']['p95']:.0f} ms"
+        )
+        for key in ("by_lang", "by_source"):
+            print(f"{key[3:]}:")
+            for name, g in report[key].items():
+                print(f"  {name:<36} n={g['n']:<4} accuracy={g['accuracy']:.3f} macro F1={g['macro_f1']:.3f}")
+    if "calibration" in report:
+        print(f"expected calibration error (10 bins): {report['calibration']['ece']:.3f}")
+    print(f"model load {report['load_seconds']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+
+
+def _eval_label_sets(args, settings: Settings) -> int:
+    """eval DATA --labels MANIFEST [--train TRAIN]: each row against its own source's labels."""
+    from ..evaluation.data import DataError
+    from ..evaluation.labelsets import heads_for_sources, load_manifest, load_rows, report
+    from ..roles.head import HeadError
+
+    if args.role or args.method != "score":
+        raise CliError("--labels makes a role per source of the manifest: no --role or --method with it")
+    try:
+        roles = load_manifest(args.labels)
+        rows = load_rows(args.data, roles)
+        train_rows = load_rows(args.train, roles) if args.train else []
+    except DataError as err:
+        raise CliError(str(err)) from None
+    if args.limit:
+        rows = rows[: args.limit]
+    if not rows:
+        raise CliError(f"{args.data} has no labelled texts")
+    assistant = load_assistant(settings)
+    heads = {}
+    if train_rows:
+        with progress_bar(total=len(train_rows), desc="heads per source", disable=args.quiet) as bar:
+            try:
+                heads = heads_for_sources(assistant, roles, train_rows, bar.update, announce=bar.write)
+            except (DataError, HeadError) as err:
+                raise CliError(str(err)) from None
+    started = time.perf_counter()
+    predicted, latencies = [], []
+    with progress_bar(total=len(rows), desc=f"eval ({'heads' if heads else 'zero-shot'})", disable=args.quiet) as bar:
+        for row in rows:
+            role = roles[row["source"]]
+            head = {role.name: heads[row["source"]]} if row["source"] in heads else None
+            choice = assistant.analyze_roles(row["text"], [role], heads=head)[role.name]
+            predicted.append(choice.label)
+            latencies.append(choice.latency_ms)
+            bar.update(1)
+    result = report(rows, predicted, latencies)
+    result.update(
+        {
+            "labels": str(args.labels),
+            "method": "head" if heads else "zero-shot",
+            "train": str(args.train) if args.train else None,
+        }
+    )
+    _finish_report(result, assistant, started, args.json)
     return 0
 
 
 def cmd_train_head(args, settings: Settings) -> int:
     from ..evaluation.data import DataError, load_labelled
+    from ..roles.definition import RoleError
     from ..roles.head import HeadError, check_training_labels, heldout_count, train_head
+    from ..service import CHAT_ROLE, discover_roles, mood_role
 
     try:
-        items = load_labelled(*args.data)
-        check_training_labels([item["label"] for item in items])
-    except (DataError, HeadError) as err:
+        registry = discover_roles(settings)
+        mood = mood_role(registry)
+        # `--role chat`: the mood, read on the chat lane's pass (the respond flow's shared prefill).
+        role = mood if args.role in (None, CHAT_ROLE) else registry.get(args.role)
+        if role.kind != "choice":
+            raise CliError(f"role {role.name!r} is a {role.kind} role: heads are for choice roles")
+        if args.data:
+            items = load_labelled(*args.data, labels=role.label_names)
+        else:
+            items = [{"text": e.text, "label": e.label} for e in role.examples]
+            if not items:
+                raise CliError(f"role {role.name!r} has no examples: give DATA.jsonl files to learn from")
+        check_training_labels([item["label"] for item in items], role.label_names)
+    except (DataError, HeadError, RoleError) as err:
         raise CliError(str(err)) from None
     if not 0.05 <= args.holdout <= 0.5:
         raise CliError("--holdout must be between 0.05 and 0.5")
+    on_chat_lane = args.role == CHAT_ROLE
+    # The mood's own head is trained on the model's own weights; the other roles' heads read the
+    # analysis pass as it runs, with the mood head's adapter.
+    own_head = role is mood and not on_chat_lane
     assistant = load_assistant(
-        settings.model_copy(update={"sentiment_head": False}), chat_lane_reads_hidden_states=args.role == "chat"
+        settings.model_copy(update={"sentiment_head": False}) if own_head else settings,
+        chat_lane_reads_hidden_states=on_chat_lane,
     )
     sha = assistant.model_sha256()
     if sha is None:
         raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
-    if args.role == "chat" and not assistant.chat.prompt.sentiment_follows_message:
+    if on_chat_lane and not assistant.chat.prompt.mood_follows_message:
         raise CliError(
-            f"the {settings.chat_prompt!r} chat prompt puts the sentiment tag before the message: "
-            "no head can read the message's sentiment before the tag is chosen"
+            f"the {settings.chat_prompt!r} chat prompt puts the mood tag before the message: "
+            "no head can read the message's mood before the tag is chosen"
         )
-    point = assistant.analyst.reading_point() if args.role == "sentiment" else assistant.chat.reading_point()
     layers = args.layers
-    if layers is None and args.role == "chat":
+    if on_chat_lane:
+        point = assistant.chat.reading_point()
         # The respond flow's pass runs every block anyway, so reading high up costs nothing there
         # (docs/accuracy.md has the sweep over depths).
-        layers = assistant.engine.n_layers - 1
+        layers = assistant.engine.n_layers - 1 if layers is None else layers
+    elif own_head:
+        point = assistant.analyst.reading_point()
+    else:
+        if assistant.head is None:
+            raise CliError("heads of other roles read the analysis pass, which needs the sentiment head")
+        point = assistant.analysis_point()
+        if layers not in (None, assistant.head.layers):
+            raise CliError(f"heads on the analysis pass read where it stops, after block {assistant.head.layers}")
+        layers = assistant.head.layers
     labels = [item["label"] for item in items]
     total = len(items) + (heldout_count(labels, args.holdout) if point.prompt_alone else 0)
     with progress_bar(
         total=total,
-        desc=f"train-head {point.key} (hidden states{', then held-out prompt scores' if point.prompt_alone else ''})",
+        desc=f"train-head {role.name}@{point.key} (hidden states"
+        + (", then held-out prompt scores)" if point.prompt_alone else ")"),
         disable=args.quiet,
     ) as bar:
         try:
@@ -113,36 +236,43 @@ def cmd_train_head(args, settings: Settings) -> int:
                 point,
                 [item["text"] for item in items],
                 labels,
+                role.label_names,
+                role=role.name,
                 model_sha256=sha,
                 layers=layers,
                 holdout=args.holdout,
                 progress=bar.update,
-                source=", ".join(Path(path).name for path in args.data),
+                source=", ".join(Path(path).name for path in args.data) if args.data else f"{role.name} examples",
+                # Other roles read the whole text (what it is about); the mood's heads keep their
+                # scoring position alone, as the shipped ones do.
+                pooling="last" if role is mood else "last+mean",
             )
         except HeadError as err:
             raise CliError(str(err)) from None
     path = head.save(Path(args.output_dir) if args.output_dir else assistant.head_directory())
-    report.update({"head": str(path), "model_sha256": sha, "reads": head.prompt})
+    report.update({"head": str(path), "model_sha256": sha, "reads": head.point, "role": role.name})
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
-    else:
-        prompt_alone = report["heldout_accuracy_prompt"]
+        return 0
+    prompt_alone = report["heldout_accuracy_prompt"]
+    print(
+        f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
+        f"{report['heldout_accuracy_head']:.3f}"
+        + (f", prompt alone {prompt_alone:.3f}" if prompt_alone is not None else "")
+        + f" (after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)"
+    )
+    if on_chat_lane:
         print(
-            f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
-            f"{report['heldout_accuracy_head']:.3f}"
-            + (f", prompt alone {prompt_alone:.3f}" if prompt_alone is not None else "")
-            + f" (after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)"
+            f"saved {path}; the respond flow reads the {role.name} with it from now on, with this model "
+            f"and the {settings.chat_prompt!r} chat prompt (--shared-prefill false turns it off)"
         )
-        if args.role == "chat":
-            print(
-                f"saved {path}; the respond flow reads the sentiment with it from now on, with this model "
-                f"and the {settings.chat_prompt!r} chat prompt (--shared-prefill false turns it off)"
-            )
-        else:
-            print(
-                f"saved {path}; used from now on with this model and the {head.prompt!r} prompt "
-                f"(--sentiment-head false turns it off)"
-            )
+    elif own_head:
+        print(
+            f"saved {path}; used from now on with this model and the {head.point!r} prompt "
+            f"(--sentiment-head false turns it off)"
+        )
+    else:
+        print(f"saved {path}; role {role.name!r} is answered by it from now on, on the analysis pass")
     return 0
 
 
@@ -200,6 +330,18 @@ def register(command) -> None:
     p = command("eval", cmd_eval, "Accuracy, per language/source, confusion matrix, latency on labelled JSONL.")
     p.add_argument("data", metavar="DATA.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--role", metavar="NAME", help="the choice role to evaluate (default: sentiment)")
+    p.add_argument(
+        "--labels",
+        metavar="LABELS.json",
+        help="a label manifest (source -> labels with descriptions): each row is scored against its "
+        "own source's labels, zero-shot from the names and descriptions, or with --train by a head per source",
+    )
+    p.add_argument(
+        "--train",
+        metavar="TRAIN.jsonl",
+        help="with --labels: fit a head per source on this file first (cached by content: a second run trains nothing)",
+    )
     p.add_argument(
         "--method",
         choices=["score", "prompt", "seed", "chat"],
@@ -213,11 +355,16 @@ def register(command) -> None:
     p = command(
         "train-head",
         cmd_train_head,
-        "Train the learned sentiment head for the current model and "
-        "sentiment prompt on labelled JSONL (text and label, or a chat file's message and "
-        "sentiment); used automatically afterwards.",
+        "Train a choice role's learned head for the current model on labelled JSONL (text and "
+        "label, or a chat file's message and sentiment), or on the role file's examples; used "
+        "automatically afterwards.",
     )
-    p.add_argument("data", metavar="DATA.jsonl", nargs="+", help="one or more files, read as one set")
+    p.add_argument(
+        "data",
+        metavar="DATA.jsonl",
+        nargs="*",
+        help="one or more files, read as one set (none: the role file's own examples)",
+    )
     p.add_argument(
         "--holdout",
         type=float,
@@ -227,11 +374,11 @@ def register(command) -> None:
     p.add_argument("--output-dir", metavar="DIR", help="where to save the head (default: <home>/heads)")
     p.add_argument(
         "--role",
-        choices=["sentiment", "chat"],
-        default="sentiment",
-        help="sentiment: the analyst's head (analyze, batch, /v1/sentiment, eval); chat: a head that "
-        "reads at the end of the user's message inside the chat prompt, so that the respond "
-        "flow evaluates a message once for both roles (shared prefill)",
+        metavar="NAME",
+        help="sentiment (default): the analyst's head (analyze, batch, /v1/sentiment, eval); chat: a "
+        "sentiment head that reads at the end of the user's message inside the chat prompt, so that the "
+        "respond flow evaluates a message once for both roles (shared prefill); any other choice role: "
+        "a head on the analysis pass, shared with the sentiment",
     )
     p.add_argument(
         "--layers",

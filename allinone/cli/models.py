@@ -92,15 +92,33 @@ def _hf_summary(directory: Path) -> dict:
 
 
 def cmd_roles(args, settings: Settings) -> int:
-    from ..roles.prompts import CHAT_PROMPTS, SENTIMENT_PROMPTS
+    from ..roles.definition import RoleError
+    from ..service import discover_roles
 
-    for title, table, current in (
-        ("sentiment prompts", SENTIMENT_PROMPTS, settings.sentiment_prompt),
-        ("chat prompts", CHAT_PROMPTS, settings.chat_prompt),
-    ):
-        print(f"{title}:")
-        for name, prompt in table.items():
-            print(f"  {'*' if name == current else ' '} {name:<16} {prompt.description}")
+    try:
+        registry = discover_roles(settings)
+    except RoleError as err:
+        raise CliError(str(err)) from None
+    current = {"choice": settings.sentiment_prompt, "chat": settings.chat_prompt}
+    rows = []
+    for role in registry.roles.values():
+        where = registry.origin(role.name)
+        row = {"name": role.name, "kind": role.kind, "source": where, "description": role.description}
+        if role.kind == "choice":
+            row["labels"] = list(role.label_names)
+        row["prompts"] = list(role.prompts)
+        rows.append(row)
+        if args.json:
+            continue
+        print(f"{role.name}  ({role.kind}; {where})")
+        print(f"    {role.description}")
+        if role.kind == "choice":
+            print(f"    labels ({len(role.labels)}): {', '.join(role.label_names)}")
+        for name, prompt in role.prompts.items():
+            mark = "*" if name == current[role.kind] and role.name in ("chat", registry.get("chat").mood_from) else " "
+            print(f"    {mark} prompt {name:<14} {prompt.description}")
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
     return 0
 
 
@@ -116,4 +134,9 @@ def register(command) -> None:
         "Show which model is in use: path, size, sha256, architecture, context, and which engine runs it.",
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
-    command("roles", cmd_roles, "List the named sentiment and chat prompts.")
+    p = command(
+        "roles",
+        cmd_roles,
+        "List every role (built-in, <home>/roles, --role-paths) with its labels, prompts and where it came from.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON array")

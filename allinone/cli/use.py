@@ -10,9 +10,34 @@ from ..settings import Settings
 from .common import CliError, load_assistant, progress_bar, texts_from, warn
 
 
+def resolve_roles(spec: str, registry) -> list:
+    """`--roles sentiment,emotion,./mine.json`: role names, or role files used as given."""
+    from ..roles.definition import RoleError, load_role_file
+
+    roles = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        try:
+            path = Path(item)
+            looks_like_path = item.endswith(".json") or "/" in item
+            roles.append(load_role_file(path) if looks_like_path else registry.get(item))
+        except RoleError as err:
+            raise CliError(str(err)) from None
+    if not roles:
+        raise CliError("--roles names no role")
+    return roles
+
+
+def choice_line(choice, role) -> str:
+    found = role.label(choice.label)
+    prob = f" {choice.probability:.2f}" if choice.probability is not None else ""
+    return f"{found.emoji} {found.shown('zh')}{prob}".strip()
+
+
 def cmd_analyze(args, settings: Settings) -> int:
-    from ..roles.prompts import LABEL_DISPLAY
-    from ..roles.sentiment import InputError, validate_text
+    from ..roles.definition import RoleError
+    from ..roles.inputs import InputError, validate_text
 
     texts = texts_from(args)
     if not texts:
@@ -22,7 +47,24 @@ def cmd_analyze(args, settings: Settings) -> int:
             validate_text(text, settings.max_text_chars)
         except InputError as err:
             raise CliError(str(err)) from None
+    if args.roles and args.method != "score":
+        raise CliError("--roles scores every role by its head or its prompt: --method applies to sentiment alone")
     assistant = load_assistant(settings)
+    roles = resolve_roles(args.roles, assistant.roles) if args.roles else None
+    if roles:
+        for text in texts:
+            try:
+                results = assistant.analyze_roles(text, roles)
+            except (InputError, RoleError) as err:
+                raise CliError(str(err)) from None
+            if args.json:
+                row = {"text": text, "roles": {name: choice.to_dict() for name, choice in results.items()}}
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+            else:
+                shown = " · ".join(choice_line(results[r.name], r) for r in roles)
+                slowest = max(choice.latency_ms for choice in results.values())
+                print(f"{shown}  {slowest:.0f} ms  {text}", flush=True)
+        return 0
     for text in texts:
         result = assistant.analyze(text, method=args.method)
         if result.truncated:
@@ -32,20 +74,20 @@ def cmd_analyze(args, settings: Settings) -> int:
             )
         if args.json:
             row = {"text": text, **result.to_dict()}
+            row.pop("probabilities")  # two labels: `probability` says it all (--roles gives every label's)
             if not result.truncated:
                 row.pop("truncated")
             print(json.dumps(row, ensure_ascii=False), flush=True)
         else:
-            shown = LABEL_DISPLAY[result.label]
+            shown = assistant.mood.label(result.label)
             prob = f" ({result.probability:.2f})" if result.probability is not None else ""
-            print(f"{shown['emoji']} {shown['en']}{prob}  {result.latency_ms:.0f} ms  {text}", flush=True)
+            print(f"{shown.emoji} {shown.shown('en')}{prob}  {result.latency_ms:.0f} ms  {text}", flush=True)
     return 0
 
 
 def cmd_chat(args, settings: Settings) -> int:
     from ..conversation.history import Conversation
-    from ..roles.prompts import sentiment_display
-    from ..roles.sentiment import InputError
+    from ..roles.inputs import InputError
 
     assistant = load_assistant(settings)
     conversation = Conversation()
@@ -76,7 +118,7 @@ def cmd_chat(args, settings: Settings) -> int:
         except InputError as err:
             print(f"error: {err}", file=sys.stderr)
             continue
-        print(sentiment_display(response.sentiment.label), flush=True)
+        print(assistant.mood.shown(response.sentiment.label), flush=True)
         try:
             for delta in response:
                 print(delta, end="", flush=True)
@@ -126,8 +168,14 @@ def cmd_serve(args, settings: Settings) -> int:
 
 
 def register(command) -> None:
-    p = command("analyze", cmd_analyze, "Sentiment of each TEXT (or of each stdin line).")
+    p = command("analyze", cmd_analyze, "Sentiment (or other roles) of each TEXT (or of each stdin line).")
     p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument(
+        "--roles",
+        metavar="ROLE,...",
+        help="choice roles to answer, comma-separated: names (see `allinone roles`) or role files "
+        "(a path ending in .json); the roles with a learned head share one pass over the text",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
         "--method",

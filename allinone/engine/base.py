@@ -247,10 +247,11 @@ class Engine(ABC):
         return True
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
     ) -> np.ndarray:
         """Evaluate tokens through the first `layers` blocks (all blocks unless `stop`); return
-        the last position's residual stream after block `layers`."""
+        the last position's residual stream after block `layers` (with `rows`: every evaluated
+        position's, [n, hidden])."""
         raise EngineError(f"{self.description} cannot read hidden states")
 
     def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int, candidates: Sequence[int]) -> np.ndarray:
@@ -275,11 +276,13 @@ class Engine(ABC):
         candidates: Sequence[int] | None = None,
         layers: int | None = None,
         complete: bool = False,
+        rows_from: int | None = None,
     ) -> np.ndarray:
         """Bring `lane` to hold exactly `tokens` and return the logits after the last one (only
         the candidates' logits, in their order, when candidates are given), or, with `layers`,
         the last position's residual stream after that many blocks; the pass stops there unless
-        `complete`."""
+        `complete`. With `rows_from` (and `layers`), positions from there on are evaluated even if
+        cached, and their rows are returned, [len(tokens) - rows_from, hidden]."""
         self._check_lane(lane)
         if not tokens:
             raise EngineError("cannot evaluate an empty token sequence")
@@ -291,9 +294,11 @@ class Engine(ABC):
         state = self._lanes[lane]
         depth = None if complete else layers  # blocks this pass computes (None: all)
 
+        last_reusable = len(tokens) - 1 if rows_from is None else min(rows_from, len(tokens) - 1)
+
         def reusable(other: _Lane) -> int:
             # At least the last token must be evaluated: its output is the answer.
-            return min(common_prefix_length(other.tokens[: other.usable(depth)], tokens), len(tokens) - 1)
+            return min(common_prefix_length(other.tokens[: other.usable(depth)], tokens), last_reusable)
 
         reuse = reusable(state)
         donor, donor_reuse = None, reuse
@@ -325,7 +330,10 @@ class Engine(ABC):
                 state.shallow_from, state.shallow_layers = reuse, depth
             else:
                 state.shallow_layers = min(state.shallow_layers, depth)
-        if layers is not None:
+        if layers is not None and rows_from is not None:
+            rows = self._decode_hidden(lane, tokens[reuse:], reuse, layers, stop=not complete, rows=True)
+            result = rows[rows_from - reuse :]
+        elif layers is not None:
             result = self._decode_hidden(lane, tokens[reuse:], reuse, layers, stop=not complete)
         elif candidates is None:
             result = self._decode(lane, tokens[reuse:], reuse)
@@ -375,6 +383,15 @@ class Engine(ABC):
         tokens only evaluates its new ones. That is how one pass over a chat message serves both
         the sentiment and the reply."""
         return np.asarray(self._evaluate(tokens, lane, layers=layers, complete=complete), dtype=np.float32)
+
+    def pooled_hidden_state(self, tokens: Sequence[int], layers: int, pool_from: int, *, lane: int = 0) -> np.ndarray:
+        """Like hidden_state, with the mean of the residual stream over positions pool_from.. as a
+        second row: [last, mean]. Heads that read a whole text (its topic, not only its verdict)
+        need the mean; those positions are evaluated on this pass even if the lane held them."""
+        if not 0 <= pool_from < len(tokens):
+            raise EngineError(f"pool_from must be in 0..{len(tokens) - 1}, got {pool_from}")
+        rows = np.asarray(self._evaluate(tokens, lane, layers=layers, rows_from=pool_from), dtype=np.float32)
+        return np.stack([rows[-1], rows.mean(axis=0)])
 
     def generate(
         self,

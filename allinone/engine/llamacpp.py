@@ -412,10 +412,18 @@ class LlamaCppEngine(Engine):
             offset += size
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
     ) -> np.ndarray:
         if lane >= self.tapped_lanes:
             raise EngineError(f"lane {lane} cannot read hidden states: only lanes below {self.tapped_lanes} can")
+        if rows:
+            collected: list[np.ndarray] = []
+            self._tap.all_rows = collected
+            try:
+                self._decode_hidden(lane, tokens, start, layers, stop)
+            finally:
+                self._tap.all_rows = None
+            return np.concatenate(collected)
         self._tap.arm(layers, stop)
         try:
             # No logits either way: a stopped pass never reaches the output projection, and a

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from ..conversation.history import Conversation
 from ..model.store import ModelError, resolve_model_path
-from ..roles.prompts import SENTIMENT_PROMPTS, sentiment_prompt
-from ..roles.sentiment import SentimentAnalyst
+from ..roles.choice import ChoiceRole
 from ..service import Lane
 from .bench import compare_methods, peak_rss_mb, rss_mb
 from .metrics import percentile
@@ -73,10 +72,11 @@ def our_methods(assistant, methods: Methods) -> None:
     log-probabilities a little (docs/benchmarks.md), and the original-prompt analyst runs there."""
     settings = assistant.settings
 
-    def analyst_on(engine, prompt_name: str, lane: int) -> SentimentAnalyst:
-        return SentimentAnalyst(
+    def analyst_on(engine, prompt_name: str, lane: int) -> ChoiceRole:
+        return ChoiceRole(
             engine,
-            sentiment_prompt(prompt_name),
+            assistant.mood,
+            assistant.mood.prompt(prompt_name),
             lane=lane,
             max_text_chars=settings.max_text_chars,
             max_text_tokens=settings.max_text_tokens,
@@ -97,7 +97,7 @@ def baseline_methods(assistant, options: BenchOptions, methods: Methods, announc
     """The baselines, on the original Q4_K_M file unless told otherwise. The slow original recipe
     loads before the peer server starts, so that a failure cannot leave a server process behind."""
     settings = assistant.settings
-    original_prompt = SENTIMENT_PROMPTS["original"].template
+    original_prompt = assistant.mood.prompt("original").template
 
     def model(chosen: str | None) -> Path:
         return Path(chosen) if chosen else resolve_model_path(settings.model, settings.resolved_home(), "q4_k_m")
@@ -119,9 +119,10 @@ def baseline_methods(assistant, options: BenchOptions, methods: Methods, announc
         # Our method without llama.cpp: one-pass scoring (the same prompt as `prompt`, the two
         # label tokens, prefix cache) on the recipe's own float32 model. No head: heads are
         # trained per model file, and this is the dequantised Q4_K_M.
-        ours_fp32 = SentimentAnalyst(
+        ours_fp32 = ChoiceRole(
             methods.original.engine,
-            sentiment_prompt(settings.sentiment_prompt),
+            assistant.mood,
+            assistant.mood.prompt(settings.sentiment_prompt),
             lane=0,
             max_text_chars=settings.max_text_chars,
             max_text_tokens=settings.max_text_tokens,

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-from ..roles.prompts import LABELS
 
 
 class DataError(ValueError):
@@ -14,11 +12,12 @@ class DataError(ValueError):
 
 
 def read_jsonl(
-    path: str | Path, *, require_label: bool = False, field: str = "text", alias: str | None = None
+    path: str | Path, *, labels: Sequence[str] | None = None, field: str = "text", alias: str | None = None
 ) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line; raise DataError naming a bad line.
-    A line without `field` may carry it as `alias` (and its label as 'sentiment', the chat files'
-    name for it); the object then gets both under the usual names."""
+    With `labels`, every line needs a 'label' among them. A line without `field` may carry it as
+    `alias` (and its label as 'sentiment', the chat files' name for it); the object then gets both
+    under the usual names."""
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -46,19 +45,20 @@ def read_jsonl(
             if not isinstance(text, str) or not text.strip():
                 also = f" (or '{alias}')" if alias else ""
                 raise DataError(f"{path} line {number}: needs a non-empty string field '{field}'{also}")
-            if require_label:
+            if labels is not None:
                 label = obj.get("label")
-                if isinstance(label, str):
-                    label = label.strip().lower()
-                if label not in LABELS:
-                    raise DataError(
-                        f"{path} line {number}: 'label' must be one of {', '.join(LABELS)}, got {obj.get('label')!r}"
-                    )
+                if isinstance(label, str) and label not in labels:
+                    # Labels are matched as written; a capitalised or padded one is forgiven.
+                    label = next((name for name in labels if name.lower() == label.strip().lower()), label)
+                if label not in labels:
+                    shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
+                    raise DataError(f"{path} line {number}: 'label' must be one of {shown}, got {obj.get('label')!r}")
                 obj["label"] = label
             yield number, obj
 
 
-def load_labelled(*paths: str | Path) -> list[dict]:
-    """Labelled texts from one or more files: `text` and `label`, or a chat file's `message` and
-    `sentiment` (chat-real-*.jsonl), so that a head can learn from messages written to a listener."""
-    return [obj for path in paths for _, obj in read_jsonl(path, require_label=True, alias="message")]
+def load_labelled(*paths: str | Path, labels: Sequence[str]) -> list[dict]:
+    """Labelled texts from one or more files, each label one of `labels`: `text` and `label`, or a
+    chat file's `message` and `sentiment` (chat-real-*.jsonl), so that a head can learn from
+    messages written to a listener."""
+    return [obj for path in paths for _, obj in read_jsonl(path, labels=labels, alias="message")]

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..roles.prompts import LABELS
-
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
@@ -23,7 +21,8 @@ def summarize(items: Sequence[dict], predictions: Sequence[str], latencies_ms: S
             groups[str(item.get(key, "?"))].append(ok)
         return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())}
 
-    confusion = {gold: {pred: 0 for pred in LABELS} for gold in LABELS}
+    labels = list(dict.fromkeys([item["label"] for item in items] + list(predictions)))
+    confusion = {gold: {pred: 0 for pred in labels} for gold in labels}
     for item, p in zip(items, predictions, strict=True):
         confusion[item["label"]][p] += 1
     return {
@@ -49,10 +48,13 @@ def format_report(report: dict) -> str:
         lines.append(f"{key[3:]}:")
         for name, g in report[key].items():
             lines.append(f"  {name:<36} n={g['n']:<4} accuracy={g['accuracy']:.3f}")
+    labels = list(report["confusion"])
+    if len(labels) > 8:  # a wide matrix helps nobody on a terminal; --json has it
+        return "\n".join(lines)
     lines.append("confusion (rows = gold, columns = predicted):")
-    lines.append("  " + " " * 10 + "".join(f"{p:>10}" for p in LABELS))
-    for gold in LABELS:
-        lines.append(f"  {gold:<10}" + "".join(f"{report['confusion'][gold][p]:>10}" for p in LABELS))
+    lines.append("  " + " " * 10 + "".join(f"{p:>10}" for p in labels))
+    for gold in labels:
+        lines.append(f"  {gold:<10}" + "".join(f"{report['confusion'][gold][p]:>10}" for p in labels))
     return "\n".join(lines)
 
 

@@ -8,10 +8,10 @@ from ..conversation.history import Turn, fit_turns
 from ..engine.base import Engine, Sampling
 from ..engine.text import TextStream
 from .adapter import ChatAdapter
+from .definition import ChatPromptSpec
 from .head import ReadingPoint
+from .inputs import InputError
 from .language import detect_language
-from .prompts import ChatPrompt
-from .sentiment import InputError
 from .template import ChatTemplate
 
 # Belt and braces: if a model emits a turn marker as text instead of its end-of-turn token.
@@ -26,7 +26,7 @@ def _is_east_asian(piece: bytes) -> bool:
 
 
 class ChatRole:
-    def __init__(self, engine: Engine, prompt: ChatPrompt, *, lane: int = 1, reply_max_tokens: int = 256):
+    def __init__(self, engine: Engine, prompt: ChatPromptSpec, *, lane: int = 1, reply_max_tokens: int = 256):
         self.engine = engine
         self.prompt = prompt
         self.lane = lane
@@ -149,7 +149,7 @@ class ChatRole:
     def warm_prefix(self) -> None:
         """Leave the lane holding just the prompt's fixed beginning (system prompt, examples): the
         state a new conversation finds (used to time the respond flow fairly)."""
-        tokens, ends = self.template.tokens_and_ends(self.messages([], self.user_parts("", "positive")))
+        tokens, ends = self.template.tokens_and_ends(self.messages([], self.user_parts("", None)))
         self.engine.logits(tokens[: ends[-1][0]], lane=self.lane)
 
     def lane_context_size(self) -> int:

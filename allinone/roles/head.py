@@ -1,26 +1,30 @@
-"""A learned sentiment head: logistic regression on the model's residual stream, part-way up the
-network, at the analyst's scoring position.
+"""A learned choice head: multinomial logistic regression on the model's residual stream, part-way
+up the network, at the end of a role's pass over the text.
 
-Why part-way: sentiment is linearly readable long before the last block. On the dev set, a head on
-the output of block 15 of the default model's 24 is as accurate as one on the final hidden state
-(docs/accuracy.md has the layer sweep), and the engine stops the forward pass
-there (Engine.hidden_state): the 9 blocks above and the 152k-row output projection are never
-computed, so a request costs well under a full scoring pass. The prompt still matters: it is what the
-model reads before the scoring position, and what the head was trained under.
+Why part-way: the sentiment is linearly readable long before the last block. On the dev set, a head
+on the output of block 15 of the default model's 24 is as accurate as one on the final hidden state
+(docs/accuracy.md has the layer sweep), and the engine stops the forward pass there
+(Engine.hidden_state): the 9 blocks above and the 152k-row output projection are never computed, so
+a request costs well under a full scoring pass. The prompt still matters: it is what the model reads
+before the reading position, and what the head was trained under.
 
-The residual stream's scale grows with depth and varies by text, so the head reads it RMS-
-normalised (as the next block's norm would).
+Why one pass can serve several roles: a head only reads a vector. Heads of roles that name another
+role's pass in their definition (`reads`) read the very state that role's head reads, so emotion and
+intent cost a matrix product each on top of the sentiment's pass.
 
-A head may come with a LoRA adapter (a llama.cpp adapter GGUF next to its JSON) for the blocks
-below its reading point, trained jointly with it (tools/sentiment_lora/): the analyst's passes for
-the head then run those blocks adapted, on a lane that no other role shares. The packaged head for
-the default model has one (docs/accuracy.md has what it gains). Prompt-only scoring
-and the other roles keep the model's own weights.
+The residual stream's scale grows with depth and varies by text, so heads read it RMS-normalised (as
+the next block's norm would).
 
-A head belongs to one model (keyed by the model file's sha256), one reading point and one depth.
-The reading point is where in which prompt it reads: the analyst's scoring position under a
-sentiment prompt (key: the prompt's name), or the end of the user's message inside a chat prompt
-(key "chat-<name>"), where the respond flow reads it on the pass that also prepares the reply.
+A head may come with a LoRA adapter (a llama.cpp adapter GGUF next to its JSON) for the blocks below
+its reading point, trained jointly with it (tools/sentiment_lora/): the passes for the head then run
+those blocks adapted, on a lane that no other role shares.
+
+A head belongs to one model (keyed by the model file's sha256), one reading point, one depth and one
+role's labels. The reading point is where in which prompt it reads: a choice role's scoring position
+under one of its prompts (key: the prompt's name), or the end of the user's message inside a chat
+prompt (key "chat-<name>"). Files are `<model sha>.<point>.<role>.json`; files of formats 2 and 3
+(`<model sha>.<point>.json`, one weight row) are two-label heads and load for any two-label role,
+whose first label their sigmoid scores.
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize
 
-HEAD_FORMAT = 3  # 3 added the optional LoRA adapter; format 2 files load as heads without one
-# The heads that ship with the package (trained by `allinone train-head` on
-# ../shared/data/sentiment-train.jsonl); a head the user trains lives in <home>/heads and wins.
+HEAD_FORMAT = 4  # 4: a row per label and the label list; 3 added the adapter; 2 and 3 are two-label
+# The heads that ship with the package; a head the user trains lives in <home>/heads and wins.
 PACKAGED_HEADS = Path(__file__).with_name("heads")
 # Blocks the head reads after, for a model with 24 (Qwen2.5-0.5B): see the docstring. For other
 # depths, the same share of the network.
@@ -56,47 +60,85 @@ def normalise(hidden: np.ndarray) -> np.ndarray:
     return hidden / np.sqrt(np.mean(hidden**2, axis=-1, keepdims=True) + 1e-6)
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 @dataclass
 class ReadingPoint:
     """Where a head reads, for training it: the tokens whose last position it reads for a text,
-    on which engine lane, under which key; and the prompt's own P(positive) for a text, if the
-    prompt has label words to compare the head against."""
+    on which engine lane, under which key; and the prompt's own probabilities over the labels for
+    a text, if the prompt has label words to compare the head against."""
 
     key: str
     engine: object  # an engine.base.Engine
     lane: int
     tokens: Callable[[str], list[int]]
-    prompt_alone: Callable[[str], float] | None = None
+    prompt_alone: Callable[[str], np.ndarray] | None = None
     # The LoRA adapter the lane runs while the head reads (None: the model's own weights); a head
     # fits only the weights it was trained on.
     adapter: Path | None = None
+    # Where the text starts in `tokens(text)`: a pooled head averages the positions from there on.
+    text_start: int | None = None
+
+
+# What a head reads: the last position alone (the scoring position: enough for a verdict), or that
+# and the mean over the text's positions (what the text is about: intent and emotion read better).
+POOLINGS = ("last", "last+mean")
+
+
+def head_features(hidden: np.ndarray, pooling: str) -> np.ndarray:
+    """The head's input from a pass's hidden state ([hidden], or [last, mean] rows)."""
+    hidden = np.asarray(hidden)
+    if pooling == "last":
+        return normalise(hidden if hidden.ndim == 1 else hidden[0])
+    if hidden.ndim != 2:
+        raise HeadError("a pooled head needs the pass's mean over the text as well")
+    return np.concatenate([normalise(hidden[0]), normalise(hidden[1])])
 
 
 @dataclass
-class SentimentHead:
+class ChoiceHead:
     model_sha256: str
-    prompt: str  # the reading point's key (see the module docstring)
+    point: str  # the reading point's key (see the module docstring)
     layers: int  # reads the residual stream after this many blocks
-    weights: np.ndarray  # on the RMS-normalised residual stream
-    bias: float
+    weights: np.ndarray  # [labels, width], on the RMS-normalised residual stream
+    bias: np.ndarray  # [labels]
+    # The role's labels in row order; empty for a format 2/3 file until `for_labels` names them.
+    labels: tuple[str, ...] = ()
+    role: str | None = None  # None: a format 2/3 file (named by its point alone)
+    pooling: str = "last"  # one of POOLINGS
     info: dict = field(default_factory=dict)  # how it was trained: data, sizes, held-out accuracy
     adapter: Path | None = None  # LoRA adapter GGUF trained with the head, applied to its passes
 
+    def __post_init__(self):
+        self.weights = np.atleast_2d(np.asarray(self.weights, dtype=np.float64))
+        self.bias = np.atleast_1d(np.asarray(self.bias, dtype=np.float64))
+        if self.weights.shape[0] == 1:  # one row: the first label's logit against the second's 0
+            self.weights = np.vstack([self.weights, np.zeros_like(self.weights)])
+            self.bias = np.append(self.bias, 0.0)
+        if self.weights.shape[0] != self.bias.shape[0] or (self.labels and len(self.labels) != self.bias.shape[0]):
+            raise HeadError(f"head {self.point}: {self.weights.shape[0]} weight rows, {self.bias.shape[0]} biases")
+
     # ---- files ------------------------------------------------------------------------------
     @staticmethod
-    def filename(model_sha256: str, prompt: str) -> str:
-        return f"{model_sha256}.{prompt}.json"
+    def filename(model_sha256: str, point: str, role: str | None = None) -> str:
+        return f"{model_sha256}.{point}.json" if role is None else f"{model_sha256}.{point}.{role}.json"
 
     @staticmethod
-    def adapter_filename(model_sha256: str, prompt: str) -> str:
-        return f"{model_sha256}.{prompt}.lora.gguf"
+    def adapter_filename(model_sha256: str, point: str) -> str:
+        return f"{model_sha256}.{point}.lora.gguf"
 
     def save(self, directory: Path) -> Path:
         """Write the head (and copy its adapter) into `directory`; a head saved without an adapter
         removes a stale one of the same name there."""
+        if not self.labels or self.role is None:
+            raise HeadError(f"head {self.point}: name its role and labels (for_labels) before saving it")
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / self.filename(self.model_sha256, self.prompt)
-        adapter = directory / self.adapter_filename(self.model_sha256, self.prompt)
+        path = directory / self.filename(self.model_sha256, self.point, self.role)
+        adapter = directory / self.adapter_filename(self.model_sha256, self.point)
         if self.adapter is not None and Path(self.adapter).resolve() != adapter.resolve():
             tmp = adapter.with_suffix(".tmp")
             tmp.write_bytes(Path(self.adapter).read_bytes())
@@ -106,12 +148,15 @@ class SentimentHead:
         payload = {
             "format": HEAD_FORMAT,
             "model_sha256": self.model_sha256,
-            "prompt": self.prompt,
+            "point": self.point,
+            "role": self.role,
+            "labels": list(self.labels),
             "layers": self.layers,
-            "bias": self.bias,
+            "pooling": self.pooling,
             "info": self.info,
             "adapter": adapter.name if self.adapter is not None else None,
-            "weights": [float(x) for x in self.weights],
+            "bias": [float(x) for x in self.bias],
+            "weights": [[float(x) for x in row] for row in self.weights],
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1))
@@ -119,79 +164,120 @@ class SentimentHead:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> SentimentHead:
+    def load(cls, path: Path) -> ChoiceHead:
         try:
             payload = json.loads(Path(path).read_text())
-            if payload.get("format") not in (2, HEAD_FORMAT):
+            version = payload.get("format")
+            if version not in (2, 3, HEAD_FORMAT):
                 raise HeadError(
-                    f"{path}: head format {payload.get('format')!r} is not {HEAD_FORMAT}; "
-                    "train it again with `allinone train-head`"
+                    f"{path}: head format {version!r} is not {HEAD_FORMAT}; train it again with `allinone train-head`"
                 )
             adapter = None
             if payload.get("adapter"):
                 adapter = Path(path).parent / Path(payload["adapter"]).name
                 if not adapter.is_file():
                     raise HeadError(f"{path}: its LoRA adapter {adapter.name} is missing")
+            if version == HEAD_FORMAT:
+                labels, role, point = tuple(payload["labels"]), payload["role"], payload["point"]
+                pooling = payload.get("pooling", "last")
+                if len(set(labels)) != len(labels) or len(labels) < 2:
+                    raise HeadError(f"{path}: the head's label list {labels} is not 2 or more distinct labels")
+                if pooling not in POOLINGS:
+                    raise HeadError(f"{path}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+            else:
+                labels, role, point, pooling = (), None, payload["prompt"], "last"
             return cls(
                 model_sha256=payload["model_sha256"],
-                prompt=payload["prompt"],
+                point=point,
                 layers=int(payload["layers"]),
                 weights=np.asarray(payload["weights"], dtype=np.float64),
-                bias=float(payload["bias"]),
+                bias=np.asarray(payload["bias"], dtype=np.float64),
+                labels=labels,
+                role=role,
+                pooling=pooling,
                 info=payload.get("info", {}),
                 adapter=adapter,
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             if isinstance(err, HeadError):
                 raise
-            raise HeadError(f"{path}: not a sentiment head ({err})") from None
+            raise HeadError(f"{path}: not a head file ({err})") from None
 
     @classmethod
-    def find(cls, model_sha256: str, prompt: str, user_dir: Path) -> SentimentHead | None:
-        """The user's own head for this model and prompt if there is one, else a packaged one."""
-        name = cls.filename(model_sha256, prompt)
+    def find(cls, model_sha256: str, point: str, user_dir: Path, role: str, labels: Sequence[str]) -> ChoiceHead | None:
+        """The user's own head for this model, reading point and role if there is one, else a
+        packaged one; checked against the role's labels (HeadError: made for other labels)."""
+        names = [cls.filename(model_sha256, point, role)]
+        if len(labels) == 2:
+            names.append(cls.filename(model_sha256, point))
         for directory in (user_dir, PACKAGED_HEADS):
-            if (directory / name).is_file():
-                return cls.load(directory / name)
+            for name in names:
+                if (directory / name).is_file():
+                    return cls.load(directory / name).for_labels(labels, role)
         return None
 
-    # ---- use --------------------------------------------------------------------------------
-    def check_fits(self, n_layers: int, n_embd: int) -> None:
-        if not 0 < self.layers < n_layers or self.weights.shape != (n_embd,):
+    def for_labels(self, labels: Sequence[str], role: str) -> ChoiceHead:
+        """This head, its rows named by the role's labels; refused if it was made for others."""
+        labels = tuple(labels)
+        if not self.labels:
+            if len(labels) != self.weights.shape[0]:
+                raise HeadError(
+                    f"head {self.point}: a {self.weights.shape[0]}-label head cannot serve role {role!r} "
+                    f"({len(labels)} labels)"
+                )
+            self.labels = labels
+        elif self.labels != labels:
             raise HeadError(
-                f"the head (after block {self.layers}, width {self.weights.shape[0]}) does not fit "
+                f"head {self.point}.{self.role} was trained for the labels {list(self.labels)}, but role "
+                f"{role!r} has {list(labels)}: train it again with `allinone train-head --role {role}`"
+            )
+        self.role = self.role or role
+        return self
+
+    # ---- use --------------------------------------------------------------------------------
+    @property
+    def pooled(self) -> bool:
+        return self.pooling != "last"
+
+    def check_fits(self, n_layers: int, n_embd: int) -> None:
+        width = n_embd * (2 if self.pooled else 1)
+        if not 0 < self.layers < n_layers or self.weights.shape[1] != width:
+            raise HeadError(
+                f"the head (after block {self.layers}, width {self.weights.shape[1]}) does not fit "
                 f"a model with {n_layers} blocks of width {n_embd}"
             )
 
-    def positive_probability(self, hidden: np.ndarray) -> float:
-        return _sigmoid(float(normalise(hidden) @ self.weights) + self.bias)
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    def probabilities(self, hidden: np.ndarray) -> np.ndarray:
+        """Over the head's labels, in their order; `hidden`: a pass's [hidden] or [last, mean]."""
+        return softmax(self.weights @ head_features(hidden, self.pooling) + self.bias)
 
 
 # ---- training -------------------------------------------------------------------------------
-def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float, iterations: int = 100) -> np.ndarray:
-    """L2-regularised logistic regression by Newton's method; returns weights with the intercept
-    last (the intercept is not penalised)."""
-    x = np.hstack([features, np.ones((features.shape[0], 1))])
-    penalty = np.append(np.full(features.shape[1], l2), 0.0)
-    weights = np.zeros(x.shape[1])
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ weights, -30, 30)))
-        gradient = x.T @ (p - labels) + penalty * weights
-        hessian = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hessian, gradient)
-        weights -= step
-        if np.max(np.abs(step)) < 1e-7:
-            break
-    return weights
+def fit_softmax(x: np.ndarray, y: np.ndarray, n_labels: int, l2: float, start: np.ndarray | None = None) -> np.ndarray:
+    """L2-regularised multinomial logistic regression on standardised features (scipy's L-BFGS: it
+    converges in a few hundred cheap steps whatever the features' conditioning). Returns weights
+    [width + 1, labels], the intercept last (not penalised)."""
+    n, width = x.shape
+    xb = np.hstack([x, np.ones((n, 1))])
+    target = np.eye(n_labels)[y]
+    penalty = np.append(np.full(width, l2 / n), 0.0)[:, None]
+
+    def loss_and_gradient(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        w = flat.reshape(width + 1, n_labels)
+        z = xb @ w
+        log_p = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+        loss = -np.sum(target * log_p) / n + 0.5 * np.sum(penalty * w * w)
+        gradient = xb.T @ (np.exp(log_p) - target) / n + penalty * w
+        return loss, gradient.ravel()
+
+    w0 = np.zeros((width + 1) * n_labels) if start is None else start.ravel()
+    result = minimize(loss_and_gradient, w0, jac=True, method="L-BFGS-B", options={"maxiter": 500})
+    return result.x.reshape(width + 1, n_labels)
 
 
-def _log_loss(features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-    z = features @ weights[:-1] + weights[-1]
-    return float(np.mean(np.logaddexp(0, z) - labels * z))
+def _log_loss(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    p = softmax(x @ w[:-1] + w[-1])
+    return float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-12)))
 
 
 L2_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -199,41 +285,50 @@ L2_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 @dataclass
 class TrainedParameters:
-    weights: np.ndarray  # on normalised hidden states
-    bias: float
+    weights: np.ndarray  # [labels, width], on normalised hidden states
+    bias: np.ndarray  # [labels]
     l2: float
 
 
-def train_parameters(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0) -> TrainedParameters:
+def train_parameters(
+    features: np.ndarray, y: np.ndarray, n_labels: int, *, folds: int = 5, seed: int = 0
+) -> TrainedParameters:
     """Standardise, pick the L2 strength by cross-validated log loss, fit, and fold the
     standardisation back so the result applies to the features as given."""
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
     x = (features - mean) / std
-    order = np.random.default_rng(seed).permutation(len(labels))
-    fold_of = np.empty(len(labels), dtype=int)
-    fold_of[order] = np.arange(len(labels)) % folds
+    order = np.random.default_rng(seed).permutation(len(y))
+    fold_of = np.empty(len(y), dtype=int)
+    fold_of[order] = np.arange(len(y)) % folds
     best_l2, best_loss = L2_GRID[0], math.inf
-    for l2 in L2_GRID:
+    starts: dict[int, np.ndarray] = {}
+    for l2 in sorted(L2_GRID, reverse=True):  # strong to weak: each fit starts from the last
         loss = 0.0
         for k in range(folds):
             train, held = fold_of != k, fold_of == k
-            w = fit_logistic(x[train], labels[train], l2)
-            loss += _log_loss(x[held], labels[held], w) * held.sum()
+            starts[k] = fit_softmax(x[train], y[train], n_labels, l2, starts.get(k))
+            loss += _log_loss(x[held], y[held], starts[k]) * held.sum()
         if loss < best_loss:
             best_l2, best_loss = l2, loss
-    w = fit_logistic(x, labels, best_l2)
-    a = w[:-1] / std
-    return TrainedParameters(weights=a, bias=float(w[-1] - a @ mean), l2=best_l2)
+    w = fit_softmax(x, y, n_labels, best_l2)
+    a = (w[:-1] / std[:, None]).T
+    return TrainedParameters(weights=a, bias=w[-1] - a @ mean, l2=best_l2)
 
 
 MIN_EXAMPLES = 20
-MIN_PER_LABEL = 5
+MIN_PER_LABEL = 3
 
 
 def collect_features(
-    point: ReadingPoint, texts: Sequence[str], layers: int, progress: Callable[[int], None] | None = None
+    point: ReadingPoint,
+    texts: Sequence[str],
+    layers: int,
+    progress: Callable[[int], None] | None = None,
+    pooling: str = "last",
 ) -> np.ndarray:
-    """Normalised residual streams after `layers` blocks at the reading point."""
+    """The head's features (normalised residual streams after `layers` blocks) at the reading point."""
+    if pooling != "last" and point.text_start is None:
+        raise HeadError(f"reading point {point.key} does not say where the text starts: no pooled head there")
     running = point.engine.lane_adapter.get(point.lane)
     if running != point.adapter:
         raise HeadError(
@@ -243,67 +338,77 @@ def collect_features(
         )
     rows = []
     for text in texts:
-        rows.append(normalise(point.engine.hidden_state(point.tokens(text), layers, lane=point.lane)))
+        tokens = point.tokens(text)
+        if pooling == "last":
+            hidden = point.engine.hidden_state(tokens, layers, lane=point.lane)
+        else:
+            hidden = point.engine.pooled_hidden_state(tokens, layers, point.text_start, lane=point.lane)
+        rows.append(head_features(hidden, pooling))
         if progress:
             progress(1)
     return np.vstack(rows)
 
 
-def check_training_labels(labels: Sequence[str]) -> None:
+def check_training_labels(labels: Sequence[str], label_names: Sequence[str]) -> None:
+    """Enough texts, and every label of the role seen a few times (a head cannot learn a label it
+    never saw); labels outside the role are the data reader's to refuse, with the line."""
     if len(labels) < MIN_EXAMPLES:
         raise HeadError(f"{len(labels)} labelled texts are too few to train a head; at least {MIN_EXAMPLES} are needed")
-    for label in ("positive", "negative"):
+    for label in label_names:
         count = sum(1 for x in labels if x == label)
         if count < MIN_PER_LABEL:
             raise HeadError(f"only {count} '{label}' texts: a head needs at least {MIN_PER_LABEL} of each label")
 
 
-def heldout_count(labels: Sequence[str], share: float) -> int:
-    """How many texts train_head keeps aside (and scores a second time with the prompt alone,
-    where the reading point has a prompt_alone)."""
-    return sum(max(1, int(round(sum(1 for x in labels if x == label) * share))) for label in ("positive", "negative"))
-
-
 def stratified_holdout(y: np.ndarray, share: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     held = np.zeros(len(y), dtype=bool)
-    for value in (0.0, 1.0):
+    for value in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == value))
         held[members[: max(1, int(round(len(members) * share)))]] = True
     return held
+
+
+def heldout_count(labels: Sequence[str], share: float) -> int:
+    """How many texts train_head keeps aside (and scores a second time with the prompt alone,
+    where the reading point has a prompt_alone)."""
+    return int(stratified_holdout(np.unique(np.asarray(labels), return_inverse=True)[1], share, 0).sum())
 
 
 def train_head(
     point: ReadingPoint,
     texts: Sequence[str],
     labels: Sequence[str],
+    label_names: Sequence[str],
     *,
+    role: str,
     model_sha256: str,
     layers: int | None = None,
     holdout: float = 0.2,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     source: str = "",
-) -> tuple[SentimentHead, dict]:
-    """Fit a head on texts/labels. A stratified `holdout` share is kept aside first to report
-    honest accuracy (head vs the prompt alone, when the point has one: one full scoring pass per
-    held-out text); the head returned is then refitted on everything. `progress` is called once
-    per text read, then once per held-out text scored: len(texts) + heldout_count(labels) calls
-    (len(texts) without a prompt_alone)."""
-    check_training_labels(labels)
+    pooling: str = "last",
+) -> tuple[ChoiceHead, dict]:
+    """Fit a head for the role's `label_names` on texts/labels. A stratified `holdout` share is kept
+    aside first to report honest accuracy (head vs the prompt alone, when the point has one: one
+    scoring pass per held-out text); the head returned is then refitted on everything. `progress`
+    is called once per text read, then once per held-out text scored."""
+    check_training_labels(labels, label_names)
     started = time.perf_counter()
     n_layers = point.engine.n_layers
     layers = default_layers(n_layers) if layers is None else layers
     if not 0 < layers < n_layers:
         raise HeadError(f"layers must be in 1..{n_layers - 1}, got {layers}")
-    features = collect_features(point, texts, layers, progress)
-    y = np.array([1.0 if x == "positive" else 0.0 for x in labels])
+    features = collect_features(point, texts, layers, progress, pooling)
+    index = {name: i for i, name in enumerate(label_names)}
+    y = np.array([index[x] for x in labels])
     held = stratified_holdout(y, holdout, seed)
-    split = train_parameters(features[~held], y[~held], seed=seed)
-    head_right = ((features[held] @ split.weights + split.bias) > 0) == (y[held] == 1)
+    split = train_parameters(features[~held], y[~held], len(label_names), seed=seed)
+    head_right = np.argmax(features[held] @ split.weights.T + split.bias, axis=1) == y[held]
     prompt_right = []
     for i in np.flatnonzero(held) if point.prompt_alone else ():
-        prompt_right.append((point.prompt_alone(texts[i]) >= 0.5) == (y[i] == 1))
+        prompt_right.append(int(np.argmax(point.prompt_alone(texts[i]))) == y[i])
         if progress:
             progress(1)
     report = {
@@ -313,11 +418,19 @@ def train_head(
         "heldout_accuracy_head": float(np.mean(head_right)),
         "heldout_accuracy_prompt": float(np.mean(prompt_right)) if prompt_right else None,
     }
-    final = train_parameters(features, y, seed=seed)
+    final = train_parameters(features, y, len(label_names), seed=seed)
     report["l2"] = final.l2
     report["seconds"] = round(time.perf_counter() - started, 1)
     info = {**report, "source": source, "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    head = SentimentHead(
-        model_sha256=model_sha256, prompt=point.key, layers=layers, weights=final.weights, bias=final.bias, info=info
+    head = ChoiceHead(
+        model_sha256=model_sha256,
+        point=point.key,
+        layers=layers,
+        weights=final.weights,
+        bias=final.bias,
+        labels=tuple(label_names),
+        role=role,
+        pooling=pooling,
+        info=info,
     )
     return head, report

@@ -22,7 +22,7 @@ from ..settings import Settings
 from .context import Server
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .guard import Guard
-from .routes import openai, page, respond, sentiment, sessions
+from .routes import analyze, openai, page, respond, sentiment, sessions
 from .worker import Worker
 
 
@@ -101,7 +101,7 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
         )
     app.add_middleware(Guard, settings=settings, metrics=metrics)
     install_error_handlers(app)
-    for area in (page, sentiment, respond, sessions, openai):
+    for area in (page, sentiment, analyze, respond, sessions, openai):
         app.include_router(area.router(server))
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

@@ -18,7 +18,6 @@ from fastapi.responses import StreamingResponse
 
 from ..conversation.store import SessionStore
 from ..engine.base import Sampling
-from ..roles.prompts import LABEL_DISPLAY, sentiment_display
 from ..settings import Settings
 from .errors import ApiError, as_api_error
 from .metrics import Metrics
@@ -160,13 +159,17 @@ class Server:
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def sentiment_json(sentiment) -> dict:
-    """A roles.sentiment.Sentiment as the API shows it."""
-    return {
-        "label": sentiment.label,
-        "probability": None if sentiment.probability is None else round(sentiment.probability, 6),
-        "latency_ms": round(sentiment.latency_ms, 2),
-        "truncated": sentiment.truncated,
-        "emoji": LABEL_DISPLAY[sentiment.label]["emoji"],
-        "display": sentiment_display(sentiment.label),
+def choice_json(choice, role, *, every_label: bool = False) -> dict:
+    """A roles.choice.Choice of a role (a roles.definition.RoleDefinition) as the API shows it;
+    `every_label`: with every label's probability."""
+    shown = {
+        "label": choice.label,
+        "probability": None if choice.probability is None else round(choice.probability, 6),
+        "latency_ms": round(choice.latency_ms, 2),
+        "truncated": choice.truncated,
+        "emoji": role.label(choice.label).emoji,
+        "display": role.shown(choice.label),
     }
+    if every_label:
+        shown["probabilities"] = {label: round(p, 6) for label, p in choice.probabilities.items()}
+    return shown

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.base import ContextOverflow
-from ..roles.sentiment import InputError
+from ..roles.inputs import InputError
 from .schemas import ErrorResponse
 from .worker import Busy, JobTimeout
 

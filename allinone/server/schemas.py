@@ -55,8 +55,8 @@ class SentimentRequest(_Strict):
 
 
 class SentimentResult(BaseModel):
-    label: Literal["positive", "negative"]
-    probability: float | None = Field(description="Probability of `label` (0.5..1).")
+    label: str = Field(description="One of the role's labels (sentiment: positive or negative).")
+    probability: float | None = Field(description="Probability of `label`.")
     latency_ms: float
     truncated: bool = Field(False, description="The text was too long; its middle was left out.")
     emoji: str
@@ -65,6 +65,52 @@ class SentimentResult(BaseModel):
 
 class SentimentBatchResponse(BaseModel):
     results: list[SentimentResult]
+
+
+# ---- analyze (several roles) ------------------------------------------------------------------
+
+
+class AnalyzeRequest(_Strict):
+    text: Text | None = Field(None, description="One text.")
+    texts: list[Text] | None = Field(None, description="Several texts (instead of `text`).")
+    roles: list[str | dict] = Field(
+        description="Choice roles to answer: names (GET /v1/roles lists them), or role definitions inline "
+        "(the schema of a role file; zero-shot, at most 50 labels and 64 kB).",
+        min_length=1,
+        max_length=16,
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of `text` or `texts`")
+        if self.texts is not None and not self.texts:
+            raise ValueError("`texts` must not be empty")
+        return self
+
+
+class RoleResult(SentimentResult):
+    probabilities: dict[str, float] = Field(description="Every label's probability.")
+
+
+class AnalyzeResult(BaseModel):
+    roles: dict[str, RoleResult] = Field(description="Role name -> its answer, in the order asked.")
+
+
+class AnalyzeBatchResponse(BaseModel):
+    results: list[AnalyzeResult]
+
+
+class RoleInfo(BaseModel):
+    name: str
+    kind: str
+    description: str
+    labels: list[dict] = Field(description="name, description, display, emoji; choice roles only.")
+    head: bool | None = Field(description="Answered by a learned head on the shared pass (choice roles).")
+
+
+class RolesResponse(BaseModel):
+    roles: list[RoleInfo]
 
 
 # ---- respond -----------------------------------------------------------------------------------

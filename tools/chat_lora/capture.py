@@ -20,7 +20,8 @@ from tqdm import tqdm
 from allinone.engine import open_engine
 from allinone.model.store import resolve_model_path
 from allinone.roles.chat import ChatRole
-from allinone.roles.prompts import chat_prompt
+from allinone.roles.definition import RoleRegistry
+from allinone.service import CHAT_ROLE
 from allinone.settings import Settings
 
 SHARD = 200
@@ -55,7 +56,7 @@ def main() -> None:
     settings = Settings()
     model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
     engine = open_engine(model, settings, n_lanes=1)
-    chat = ChatRole(engine, chat_prompt(args.chat_prompt), lane=0)
+    chat = ChatRole(engine, RoleRegistry.discover(None).get(CHAT_ROLE).prompt(args.chat_prompt), lane=0)
     rows = [json.loads(line) for line in open(args.examples, encoding="utf-8") if line.strip()]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

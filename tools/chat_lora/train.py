@@ -25,7 +25,8 @@ import torch
 
 from allinone.model.store import model_sha256
 from allinone.roles.adapter import ChatAdapter
-from allinone.roles.prompts import chat_prompt
+from allinone.roles.definition import RoleRegistry
+from allinone.service import CHAT_ROLE
 from allinone.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -250,7 +251,7 @@ def main() -> None:
     }
     adapter = ChatAdapter(
         model_sha256=model_sha256(model_path, Settings().resolved_home()),
-        prompt=chat_prompt(examples.meta["chat_prompt"]).key,
+        prompt=RoleRegistry.discover(None).get(CHAT_ROLE).prompt(examples.meta["chat_prompt"]).key,
         path=trained,
         sha256="",
         info=info,

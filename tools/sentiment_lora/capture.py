@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from allinone.engine import open_engine
 from allinone.model.store import resolve_model_path
-from allinone.roles.prompts import sentiment_prompt
-from allinone.roles.sentiment import SentimentAnalyst
+from allinone.roles.choice import ChoiceRole
+from allinone.roles.definition import RoleRegistry
+from allinone.service import mood_role
 from allinone.settings import Settings
 
 
@@ -32,7 +33,8 @@ def main() -> None:
     settings = Settings()
     model = resolve_model_path(settings.model, settings.resolved_home(), settings.default_weights)
     engine = open_engine(model, settings, n_lanes=1)
-    analyst = SentimentAnalyst(engine, sentiment_prompt(args.sentiment_prompt))
+    role = mood_role(RoleRegistry.discover(None))
+    analyst = ChoiceRole(engine, role, role.prompt(args.sentiment_prompt))
     before = len(analyst.prefix_tokens)
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
 
@@ -55,7 +57,8 @@ def main() -> None:
         frozen_blocks=args.frozen_blocks,
         model=str(model),
         sentiment_prompt=args.sentiment_prompt,
-        labels=np.array([row["label"] == "positive" for row in rows]),
+        # True for the role's first label (positive): the head's logit is that label's.
+        labels=np.array([row["label"] == role.label_names[0] for row in rows]),
     )
     print(f"{len(rows)} texts -> {args.output}")
 

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from allinone.model.store import model_sha256
-from allinone.roles.head import SentimentHead
+from allinone.roles.definition import RoleRegistry
+from allinone.roles.head import ChoiceHead
+from allinone.service import mood_role
 from allinone.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,9 +112,12 @@ def main() -> None:
     write_adapter(adapter, blocks.lora_tensors(), args.alpha)
     settings = Settings()
     sha = model_sha256(Path(model), settings.resolved_home())
-    saved = SentimentHead(
+    role = mood_role(RoleRegistry.discover(None))
+    saved = ChoiceHead(
         model_sha256=sha,
-        prompt=str(train["sentiment_prompt"]),
+        point=str(train["sentiment_prompt"]),
+        labels=role.label_names,  # one row: the first label's logit against the second's
+        role=role.name,
         layers=args.head_blocks,
         weights=head.weight.detach().numpy()[0].astype(np.float64),
         bias=float(head.bias.detach()[0]),

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 
 from ...conversation.history import Conversation
 from ...engine.base import Sampling
-from ...roles.sentiment import InputError, validate_text
-from ..context import Events, Server, sentiment_json, sse
+from ...roles.inputs import InputError, validate_text
+from ..context import Events, Server, choice_json, sse
 from ..errors import ApiError, as_api_error
 from ..schemas import RespondRequest, RespondResponse
 from ..worker import ERROR, Job
@@ -65,7 +65,7 @@ def respond_job(server: Server, session_id: str, message: str, sampling: Samplin
     store, metrics = server.store, server.metrics
     conversation = Conversation(turns=store.turns(session_id))
     response = server.assistant.respond(conversation, message, sampling=sampling, should_stop=job.should_stop)
-    job.emit("sentiment", {"session_id": session_id, **sentiment_json(response.sentiment)})
+    job.emit("sentiment", {"session_id": session_id, **choice_json(response.sentiment, server.assistant.mood)})
     for delta in response:
         job.emit("delta", delta)
     stats = response.stats

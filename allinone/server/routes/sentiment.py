@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ...roles.sentiment import InputError, validate_text
-from ..context import Server, sentiment_json, watching
+from ...roles.inputs import InputError, validate_text
+from ..context import Server, choice_json, watching
 from ..errors import ApiError
 from ..schemas import SentimentBatchResponse, SentimentRequest, SentimentResult
 from ..worker import Job, JobTimeout
@@ -46,5 +46,5 @@ def analyze_all(server: Server, texts: list[str], job: Job) -> None:
             if job.timed_out():
                 raise JobTimeout("the request timed out")
             return
-        results.append(sentiment_json(server.assistant.analyze(text)))
+        results.append(choice_json(server.assistant.analyze(text), server.assistant.mood))
     job.emit("result", results)

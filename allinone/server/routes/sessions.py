@@ -7,7 +7,6 @@ import re
 
 from fastapi import APIRouter
 
-from ...roles.prompts import LABEL_DISPLAY, sentiment_display
 from ..context import Server
 from ..errors import ApiError
 from ..schemas import SESSION_ID_PATTERN, SessionResponse
@@ -18,14 +17,16 @@ def check_session_id(session_id: str) -> None:
         raise ApiError(422, "session_id: 1 to 64 characters among A-Z a-z 0-9 _ -")
 
 
-def turn_json(turn: dict) -> dict:
-    shown = turn["sentiment"] if turn["sentiment"] in LABEL_DISPLAY else "positive"
+def turn_json(turn: dict, mood) -> dict:
+    """A stored turn, its mood shown as the mood role (a roles.definition.RoleDefinition) shows it;
+    a label the role no longer has is shown as stored, without an emoji."""
+    known = turn["sentiment"] in mood.label_names
     return {
         "message": turn["message"],
         "sentiment": turn["sentiment"],
         "probability": turn["probability"],
-        "emoji": LABEL_DISPLAY[shown]["emoji"],
-        "display": sentiment_display(shown),
+        "emoji": mood.label(turn["sentiment"]).emoji if known else "",
+        "display": mood.shown(turn["sentiment"]) if known else str(turn["sentiment"]),
         "reply": turn["reply"],
     }
 
@@ -40,7 +41,7 @@ def router(server: Server) -> APIRouter:
         turns = await asyncio.to_thread(store.load, session_id)
         if turns is None:
             raise ApiError(404, f"no session {session_id!r} (never created, deleted or expired)", "not_found_error")
-        return {"session_id": session_id, "turns": [turn_json(t) for t in turns]}
+        return {"session_id": session_id, "turns": [turn_json(t, server.assistant.mood) for t in turns]}
 
     @routes.delete("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth())
     async def delete_session(session_id: str):
