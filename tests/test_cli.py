@@ -348,3 +348,44 @@ def test_chat_head_is_read_on_the_reply_pass_and_learns_from_a_small_file(cli_en
     assert detected("--shared-prefill", "false") == ["正面", "负面"]  # the analyst's head, on its own pass
     code, _, err = run(["train-head", str(data), "--role", "chat", "--chat-prompt", "original"], env)
     assert code == 2 and "puts the mood tag before the message" in err
+
+
+@pytest.mark.slow
+def test_a_role_added_by_a_file_alone_answers_zero_shot_then_learns_from_its_examples(cli_env, tmp_path):
+    """The customer-service example, dropped into <home>/roles: it answers at once by its prompt,
+    then `train-head --role` fits a head on its own examples (well within two minutes), and the
+    role is answered on the sentiment's pass from then on."""
+    from allinone.roles.definition import BUILTIN_DIR
+
+    env = home_with_models(tmp_path, cli_env)
+    roles = tmp_path / "home" / "roles"
+    roles.mkdir()
+    (roles / "support.json").write_bytes((BUILTIN_DIR.parent / "examples" / "customer-service.json").read_bytes())
+    texts = ["快递显示已经签收了,可我根本没收到东西!", "I'd like to return these shoes and get my money back."]
+    code, out, err = run(["roles", "--json"], env)
+    assert code == 0 and any(
+        r["name"] == "support_intent" and r["source"].endswith("support.json") for r in json.loads(out)
+    )
+    code, out, err = run(["analyze", "--json", "--roles", "sentiment,support_intent", *texts], env)
+    assert code == 0, err
+    zero_shot = [json.loads(line)["roles"]["support_intent"] for line in out.splitlines()]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in zero_shot)
+
+    code, out, err = run(["train-head", "--role", "support_intent", "--json", "--quiet"], env, timeout=300)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["role"] == "support_intent" and report["examples"] >= 50 and report["seconds"] < 120
+    code, out, err = run(["analyze", "--json", "--roles", "sentiment,support_intent", *texts], env)
+    assert code == 0, err
+    rows = [json.loads(line)["roles"] for line in out.splitlines()]
+    assert [r["support_intent"]["label"] for r in rows] == ["shipping_problem", "refund"]
+    assert rows[0]["sentiment"]["label"] == "negative"
+    code, _, err = run(["analyze", "--roles", "sentiment,nope", "hi"], env)
+    assert code == 2 and "unknown role 'nope'; roles: " in err
+    source, labelled = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(source, [{"id": i, "text": t} for i, t in enumerate(texts)])
+    code, _, err = run(["batch", str(source), "-o", str(labelled), "--roles", "support_intent,sentiment"], env)
+    assert code == 0, err
+    lines = [json.loads(line) for line in labelled.read_text().splitlines()]
+    assert [line["roles"]["support_intent"]["label"] for line in lines] == ["shipping_problem", "refund"]
+    assert [line["id"] for line in lines] == [0, 1] and "label" not in lines[0]

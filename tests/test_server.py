@@ -84,6 +84,29 @@ def test_sentiment_single_and_batch(server):
     assert [r["label"] for r in batch.json()["results"]] == ["positive", "negative"]
 
 
+def test_analyze_answers_several_roles_and_an_inline_one(server):
+    topic = {
+        "name": "topic",
+        "kind": "choice",
+        "description": "what the text is about",
+        "instruction": {"en": "What is the text about?"},
+        "labels": [{"name": "food", "description": "eating, restaurants"}, {"name": "travel", "description": "trips"}],
+    }
+    one = post(
+        server,
+        "/v1/analyze",
+        {"text": "The noodles at that stall were cold and bland.", "roles": ["sentiment", "emotion", topic]},
+    )
+    assert one.status_code == 200, one.text
+    roles = one.json()["roles"]
+    assert roles["sentiment"]["label"] == "negative" and roles["topic"]["label"] == "food"
+    assert roles["emotion"]["label"] in roles["emotion"]["probabilities"]
+    listed = {r["name"]: r for r in httpx.get(f"{server.url}/v1/roles").json()["roles"]}
+    assert listed["emotion"]["head"] is True and listed["chat"]["kind"] == "chat"
+    bad = post(server, "/v1/analyze", {"text": "x", "roles": [{"name": "t", "kind": "choice", "labels": ["a"]}]})
+    assert bad.status_code == 422 and "roles[0]" in bad.json()["error"]["message"]
+
+
 # ---- the OpenAI client ---------------------------------------------------------------------------
 
 

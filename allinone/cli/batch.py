@@ -58,7 +58,32 @@ def read_batch_input(in_path: Path) -> list[dict]:
     return [obj for _, obj in read_jsonl(in_path)]
 
 
-def run_batch(analyze: Callable[[str], object], items: list[dict], out_path: Path, *, progress_factory=None) -> dict:
+def sentiment_fields(result) -> dict:
+    """What a line gets from the sentiment alone: its label and probability."""
+    fields = {"label": result.label, "probability": round(result.probability, 6)}
+    if result.truncated:
+        fields["truncated"] = True
+    return fields
+
+
+def roles_fields(results: dict) -> dict:
+    """What a line gets from several roles: each role's label and probability under `roles`."""
+    fields = {
+        "roles": {name: {"label": c.label, "probability": round(c.probability, 6)} for name, c in results.items()}
+    }
+    if any(c.truncated for c in results.values()):
+        fields["truncated"] = True
+    return fields
+
+
+def run_batch(
+    analyze: Callable[[str], object],
+    items: list[dict],
+    out_path: Path,
+    *,
+    fields: Callable[[object], dict] = sentiment_fields,
+    progress_factory=None,
+) -> dict:
     skip = completed_lines(out_path, items)
     todo = items[skip:]
     bar = progress_factory(total=len(items), initial=skip) if progress_factory else None
@@ -75,10 +100,7 @@ def run_batch(analyze: Callable[[str], object], items: list[dict], out_path: Pat
                 # One unusable text (e.g. over the length cap) must not sink a long job.
                 row["error"] = str(err)
             else:
-                row["label"] = result.label
-                row["probability"] = round(result.probability, 6)
-                if result.truncated:
-                    row["truncated"] = True
+                row.update(fields(result))
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
             written += 1

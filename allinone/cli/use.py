@@ -130,7 +130,7 @@ def cmd_chat(args, settings: Settings) -> int:
 
 def cmd_batch(args, settings: Settings) -> int:
     from ..evaluation.data import DataError
-    from .batch import completed_lines, read_batch_input, run_batch
+    from .batch import completed_lines, read_batch_input, roles_fields, run_batch, sentiment_fields
 
     in_path, out_path = Path(args.input), Path(args.output)
     if in_path.resolve() == out_path.resolve():
@@ -139,7 +139,19 @@ def cmd_batch(args, settings: Settings) -> int:
         items = read_batch_input(in_path)
         completed_lines(out_path, items)  # an output of another input is refused before the model loads
         assistant = load_assistant(settings)
-        summary = run_batch(assistant.analyze, items, out_path, progress_factory=progress_bar)
+        if args.roles:
+            roles = resolve_roles(args.roles, assistant.roles)
+            summary = run_batch(
+                lambda text: assistant.analyze_roles(text, roles),
+                items,
+                out_path,
+                fields=roles_fields,
+                progress_factory=progress_bar,
+            )
+        else:
+            summary = run_batch(
+                assistant.analyze, items, out_path, fields=sentiment_fields, progress_factory=progress_bar
+            )
     except DataError as err:
         raise CliError(str(err)) from None
     print(
@@ -189,6 +201,12 @@ def register(command) -> None:
     p = command("batch", cmd_batch, "Label every JSONL line's `text`; resumable after an interruption.")
     p.add_argument("input", metavar="IN.jsonl")
     p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    p.add_argument(
+        "--roles",
+        metavar="ROLE,...",
+        help="choice roles to answer (as in analyze): each line gets `roles` {name: {label, probability}} "
+        "instead of `label` and `probability`",
+    )
     command(
         "serve",
         cmd_serve,

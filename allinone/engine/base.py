@@ -384,14 +384,18 @@ class Engine(ABC):
         the sentiment and the reply."""
         return np.asarray(self._evaluate(tokens, lane, layers=layers, complete=complete), dtype=np.float32)
 
-    def pooled_hidden_state(self, tokens: Sequence[int], layers: int, pool_from: int, *, lane: int = 0) -> np.ndarray:
-        """Like hidden_state, with the mean of the residual stream over positions pool_from.. as a
-        second row: [last, mean]. Heads that read a whole text (its topic, not only its verdict)
-        need the mean; those positions are evaluated on this pass even if the lane held them."""
-        if not 0 <= pool_from < len(tokens):
-            raise EngineError(f"pool_from must be in 0..{len(tokens) - 1}, got {pool_from}")
-        rows = np.asarray(self._evaluate(tokens, lane, layers=layers, rows_from=pool_from), dtype=np.float32)
-        return np.stack([rows[-1], rows.mean(axis=0)])
+    def pooled_hidden_state(
+        self, tokens: Sequence[int], layers: int, pool: tuple[int, int], *, lane: int = 0
+    ) -> np.ndarray:
+        """Like hidden_state, with the mean of the residual stream over positions pool[0]..pool[1]-1
+        as a second row: [last, mean]. Heads that read a whole text (its topic, not only its
+        verdict) need the mean; those positions are evaluated on this pass even if the lane held
+        them."""
+        start, end = pool
+        if not 0 <= start < end <= len(tokens):
+            raise EngineError(f"pool {pool} is not a non-empty range of the {len(tokens)} tokens")
+        rows = np.asarray(self._evaluate(tokens, lane, layers=layers, rows_from=start), dtype=np.float32)
+        return np.stack([rows[-1], rows[: end - start].mean(axis=0)])
 
     def generate(
         self,

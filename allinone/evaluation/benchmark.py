@@ -24,6 +24,7 @@ from .metrics import percentile
 from .raw import stream_timing
 
 CHAT_BENCH_TOKENS = 48
+MULTI_ROLE = "score+roles"  # the sentiment with every other choice role that has a head
 
 
 class BenchError(RuntimeError):
@@ -52,6 +53,7 @@ class Methods:
         self.reset: dict[str, Callable] = {}
         self.original = self.raw = self.peer = None
         self.load_seconds: dict[str, float] = {}
+        self.extra_roles: list[str] = []
 
     def add(self, name: str, analyze: Callable, reset: Callable | None = None) -> None:
         self.analyze[name] = analyze
@@ -83,6 +85,18 @@ def our_methods(assistant, methods: Methods) -> None:
         )
 
     methods.add("score", assistant.analyze, assistant.analyst.warm_prefix)
+    others = [
+        role for role in assistant.roles.choice_roles() if role is not assistant.mood and assistant.role_head(role)
+    ]
+    if assistant.head is not None and others:
+        # Every choice role with a head, on the one shared pass: what each extra role costs.
+        roles = [assistant.mood, *others]
+        methods.add(
+            MULTI_ROLE,
+            lambda text: assistant.analyze_roles(text, roles)[assistant.mood.name],
+            assistant.analyst.warm_prefix,
+        )
+        methods.extra_roles = [role.name for role in others]
     own_weights = analyst_on(assistant.engine, settings.sentiment_prompt, Lane.CHAT)
     if assistant.head is not None:
         methods.add("prompt", own_weights.analyze, own_weights.warm_prefix)
@@ -211,6 +225,10 @@ def summarize(
     }
     if "prompt" in p50:
         report["head_latency_ratio"] = p50["score"] / p50["prompt"]
+    if MULTI_ROLE in p50:
+        report["extra_roles"] = methods.extra_roles
+        # Each extra role's share of the sentiment's own p50 (the target: at most 0.25).
+        report["extra_role_cost"] = (p50[MULTI_ROLE] - p50["score"]) / p50["score"] / len(methods.extra_roles)
     if "original-prompt" in p50:
         report["latency_ratio_vs_original_prompt"] = p50["score"] / p50["original-prompt"]
     if methods.original:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..roles.definition import RoleDefinition, RoleError, parse_role
-from ..roles.head import ChoiceHead, train_head
+from ..roles.head import HEAD_FORMAT, ChoiceHead, train_head
 from .data import DataError, read_jsonl
 
 INSTRUCTION = {
@@ -77,9 +77,12 @@ def load_rows(path: str | Path, roles: dict[str, RoleDefinition]) -> list[dict]:
     return rows
 
 
+POOLING = "last+mean"
+
+
 def cache_key(model_sha: str, point: str, layers: int, role: RoleDefinition, rows: Sequence[dict]) -> str:
     digest = hashlib.sha256()
-    for part in (model_sha, point, str(layers), role.fingerprint()):
+    for part in (model_sha, point, str(layers), POOLING, role.fingerprint(), f"head format {HEAD_FORMAT}"):
         digest.update(part.encode() + b"\0")
     for row in rows:
         digest.update(row["text"].encode() + b"\0" + row["label"].encode() + b"\0")
@@ -124,7 +127,7 @@ def heads_for_sources(
                 holdout=0.1,
                 progress=progress,
                 source=source,
-                pooling="last+mean",
+                pooling=POOLING,
             )
             head.save(directory)
         elif progress:

@@ -197,8 +197,13 @@ class ChoiceRole:
             tokens=lambda text: self.prompt_tokens(text)[0],
             prompt_alone=lambda text: self.probabilities(text, use_head=False)[0],
             adapter=self.head.adapter if self.head is not None else None,
-            text_start=len(self._before),
+            text_span=self.text_span,
         )
+
+    def text_span(self, tokens: list[int]) -> tuple[int, int]:
+        """Where the text lies in prompt tokens: what a pooled head averages (not the prompt's
+        frame, whose fixed tokens would dilute a short text)."""
+        return len(self._before), len(tokens) - len(self._after)
 
     def label_logprobs(self, text: str) -> tuple[np.ndarray, bool]:
         """Each label word's log-probability after the prompt, over all of its tokens."""
@@ -241,7 +246,7 @@ class ChoiceRole:
         self._weights_for(True)
         tokens, truncated = self.prompt_tokens(text)
         if pooled:
-            hidden = self.engine.pooled_hidden_state(tokens, self.head.layers, len(self._before), lane=self.lane)
+            hidden = self.engine.pooled_hidden_state(tokens, self.head.layers, self.text_span(tokens), lane=self.lane)
         else:
             hidden = self.engine.hidden_state(tokens, self.head.layers, lane=self.lane)
         return hidden, truncated

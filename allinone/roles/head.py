@@ -80,8 +80,8 @@ class ReadingPoint:
     # The LoRA adapter the lane runs while the head reads (None: the model's own weights); a head
     # fits only the weights it was trained on.
     adapter: Path | None = None
-    # Where the text starts in `tokens(text)`: a pooled head averages the positions from there on.
-    text_start: int | None = None
+    # Where the text lies in `tokens(text)`, (start, end): a pooled head averages those positions.
+    text_span: Callable[[list[int]], tuple[int, int]] | None = None
 
 
 # What a head reads: the last position alone (the scoring position: enough for a verdict), or that
@@ -291,10 +291,10 @@ class TrainedParameters:
 
 
 def train_parameters(
-    features: np.ndarray, y: np.ndarray, n_labels: int, *, folds: int = 5, seed: int = 0
+    features: np.ndarray, y: np.ndarray, n_labels: int, *, folds: int = 5, seed: int = 0, l2: float | None = None
 ) -> TrainedParameters:
-    """Standardise, pick the L2 strength by cross-validated log loss, fit, and fold the
-    standardisation back so the result applies to the features as given."""
+    """Standardise, pick the L2 strength by cross-validated log loss (unless `l2` is given), fit,
+    and fold the standardisation back so the result applies to the features as given."""
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
     x = (features - mean) / std
     order = np.random.default_rng(seed).permutation(len(y))
@@ -302,14 +302,17 @@ def train_parameters(
     fold_of[order] = np.arange(len(y)) % folds
     best_l2, best_loss = L2_GRID[0], math.inf
     starts: dict[int, np.ndarray] = {}
-    for l2 in sorted(L2_GRID, reverse=True):  # strong to weak: each fit starts from the last
+    grid = sorted(L2_GRID, reverse=True) if l2 is None else []  # strong to weak: each fit starts from the last
+    for strength in grid:
         loss = 0.0
         for k in range(folds):
             train, held = fold_of != k, fold_of == k
-            starts[k] = fit_softmax(x[train], y[train], n_labels, l2, starts.get(k))
+            starts[k] = fit_softmax(x[train], y[train], n_labels, strength, starts.get(k))
             loss += _log_loss(x[held], y[held], starts[k]) * held.sum()
         if loss < best_loss:
-            best_l2, best_loss = l2, loss
+            best_l2, best_loss = strength, loss
+    if l2 is not None:
+        best_l2 = l2
     w = fit_softmax(x, y, n_labels, best_l2)
     a = (w[:-1] / std[:, None]).T
     return TrainedParameters(weights=a, bias=w[-1] - a @ mean, l2=best_l2)
@@ -327,7 +330,7 @@ def collect_features(
     pooling: str = "last",
 ) -> np.ndarray:
     """The head's features (normalised residual streams after `layers` blocks) at the reading point."""
-    if pooling != "last" and point.text_start is None:
+    if pooling != "last" and point.text_span is None:
         raise HeadError(f"reading point {point.key} does not say where the text starts: no pooled head there")
     running = point.engine.lane_adapter.get(point.lane)
     if running != point.adapter:
@@ -342,7 +345,7 @@ def collect_features(
         if pooling == "last":
             hidden = point.engine.hidden_state(tokens, layers, lane=point.lane)
         else:
-            hidden = point.engine.pooled_hidden_state(tokens, layers, point.text_start, lane=point.lane)
+            hidden = point.engine.pooled_hidden_state(tokens, layers, point.text_span(tokens), lane=point.lane)
         rows.append(head_features(hidden, pooling))
         if progress:
             progress(1)
@@ -418,7 +421,8 @@ def train_head(
         "heldout_accuracy_head": float(np.mean(head_right)),
         "heldout_accuracy_prompt": float(np.mean(prompt_right)) if prompt_right else None,
     }
-    final = train_parameters(features, y, len(label_names), seed=seed)
+    # The strength the split chose: a second search over all the texts would cost as much again.
+    final = train_parameters(features, y, len(label_names), seed=seed, l2=split.l2)
     report["l2"] = final.l2
     report["seconds"] = round(time.perf_counter() - started, 1)
     info = {**report, "source": source, "trained": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
