@@ -133,3 +133,30 @@ def test_train_head_reads_several_files_and_chat_rows_as_one_set(cli, tmp_path):
     write_jsonl(chats, [{"message": "my cat is sick", "sentiment": "negative"}, {"message": "", "sentiment": "x"}])
     code, _, err = cli(["train-head", str(reviews), str(chats)])
     assert code == 2 and "chats.jsonl line 2: needs a non-empty string field 'text' (or 'message')" in err
+
+
+def test_a_broken_role_file_is_named_with_its_field_and_nothing_else_runs(cli):
+    roles = cli.home / "roles"
+    roles.mkdir(parents=True)
+    broken = roles / "mine.json"
+    broken.write_text(
+        '{"name": "mine", "kind": "choice", "description": "d", "instruction": "i", "labels": ["a", "a"]}'
+    )
+    for args in (["roles"], ["analyze", "some text"], ["analyze", "--roles", "sentiment", "some text"]):
+        code, out, err = cli(args)
+        assert code == 2 and out == "", args
+        assert str(broken) in err and "labels[1]" in err and "duplicate label 'a'" in err, err
+    broken.write_text('{"name": "mine", "kind": "choice",')
+    code, _, err = cli(["roles"])
+    assert code == 2 and str(broken) in err and "line 1" in err
+
+
+def test_unknown_roles_and_role_files_are_refused_before_the_model_loads(cli, tmp_path):
+    code, _, err = cli(["eval", str(tmp_path / "x.jsonl"), "--role", "nope"])
+    assert code == 2 and "unknown role 'nope'; roles: " in err
+    code, _, err = cli(["train-head", "--role", "chat-nope"])
+    assert code == 2 and "unknown role 'chat-nope'" in err
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"text": "t", "label": "furious"}])
+    code, _, err = cli(["eval", str(data), "--role", "emotion"])
+    assert code == 2 and f"{data} line 1: 'label' must be one of anger, disgust" in err

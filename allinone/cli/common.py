@@ -20,11 +20,14 @@ def load_assistant(settings: Settings, **options):
     from ..engine.base import EngineError
     from ..model.store import ModelError
     from ..roles.adapter import AdapterError
+    from ..roles.definition import RoleError
     from ..roles.head import HeadError
     from ..service import Assistant
 
     try:
         return Assistant.load(settings, **options)
+    except RoleError as err:  # a role file of the user's: theirs to fix
+        raise CliError(str(err)) from None
     except (ModelError, EngineError, HeadError, AdapterError) as err:
         raise CliError(str(err), EXIT_FAILURE) from None
 

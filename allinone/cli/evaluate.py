@@ -147,14 +147,16 @@ def _eval_label_sets(args, settings: Settings) -> int:
             except (DataError, HeadError) as err:
                 raise CliError(str(err)) from None
     started = time.perf_counter()
-    predicted, latencies = [], []
+    predicted, latencies = [""] * len(rows), [0.0] * len(rows)
+    # Source by source: a role scored by its prompt keeps that prompt cached while its rows pass.
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["source"])
     with progress_bar(total=len(rows), desc=f"eval ({'heads' if heads else 'zero-shot'})", disable=args.quiet) as bar:
-        for row in rows:
+        for i in order:
+            row = rows[i]
             role = roles[row["source"]]
             head = {role.name: heads[row["source"]]} if row["source"] in heads else None
             choice = assistant.analyze_roles(row["text"], [role], heads=head)[role.name]
-            predicted.append(choice.label)
-            latencies.append(choice.latency_ms)
+            predicted[i], latencies[i] = choice.label, choice.latency_ms
             bar.update(1)
     result = report(rows, predicted, latencies)
     result.update(
