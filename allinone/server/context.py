@@ -18,10 +18,11 @@ from fastapi.responses import StreamingResponse
 
 from ..conversation.store import SessionStore
 from ..engine.base import Sampling
+from ..roles.inputs import InputError, validate_text
 from ..settings import Settings
 from .errors import ApiError, as_api_error
 from .metrics import Metrics
-from .worker import ERROR, Busy, Job, Worker
+from .worker import ERROR, Busy, Job, JobTimeout, Worker
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Events = AsyncIterator[tuple[str, Any]]
@@ -102,6 +103,39 @@ class Server:
         except Busy as err:
             self.metrics.count_rejected()
             raise ApiError(503, str(err), "server_busy", {"Retry-After": str(self.worker.retry_after())}) from None
+
+    def checked_texts(self, body) -> list[str]:
+        """A schemas.TextsRequest's text or texts, each checked as the roles check it: 422 naming
+        the one that is not usable, before any work is queued."""
+        texts = [body.text] if body.text is not None else body.texts
+        limit = self.settings.max_batch_texts
+        if len(texts) > limit:
+            raise ApiError(422, f"texts: {len(texts)} texts; the limit is {limit} per request")
+        for i, text in enumerate(texts):
+            try:
+                validate_text(text, self.settings.max_text_chars)
+            except InputError as err:
+                raise ApiError(422, f"texts[{i}]: {err}" if body.texts is not None else f"text: {err}") from None
+        return texts
+
+    async def answer_each(self, request: Request, texts: list[str], answer: Callable[[str], Any], name: str) -> list:
+        """answer(text) for every text on the worker, delivered as one `result` event (none if the
+        client went away; a timeout between texts ends the job)."""
+
+        def run(job: Job) -> None:
+            results = []
+            for text in texts:
+                if job.should_stop():
+                    if job.timed_out():
+                        raise JobTimeout("the request timed out")
+                    return
+                results.append(answer(text))
+            job.emit("result", results)
+
+        job = self.submit(run, name)
+        async with watching(request, job):
+            _, results = await self.first_event(job)
+        return results
 
     @staticmethod
     async def first_event(job: Job) -> tuple[str, Any]:

@@ -41,7 +41,9 @@ class ErrorResponse(BaseModel):
 # ---- sentiment ---------------------------------------------------------------------------------
 
 
-class SentimentRequest(_Strict):
+class TextsRequest(_Strict):
+    """`text` or `texts`: what /v1/sentiment and /v1/analyze answer for."""
+
     text: Text | None = Field(None, description="One text.")
     texts: list[Text] | None = Field(None, description="Several texts (instead of `text`).")
 
@@ -52,6 +54,10 @@ class SentimentRequest(_Strict):
         if self.texts is not None and not self.texts:
             raise ValueError("`texts` must not be empty")
         return self
+
+
+class SentimentRequest(TextsRequest):
+    pass
 
 
 class SentimentResult(BaseModel):
@@ -70,23 +76,13 @@ class SentimentBatchResponse(BaseModel):
 # ---- analyze (several roles) ------------------------------------------------------------------
 
 
-class AnalyzeRequest(_Strict):
-    text: Text | None = Field(None, description="One text.")
-    texts: list[Text] | None = Field(None, description="Several texts (instead of `text`).")
+class AnalyzeRequest(TextsRequest):
     roles: list[str | dict] = Field(
         description="Choice roles to answer: names (GET /v1/roles lists them), or role definitions inline "
         "(the schema of a role file; zero-shot, at most 50 labels and 64 kB).",
         min_length=1,
         max_length=16,
     )
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("give exactly one of `text` or `texts`")
-        if self.texts is not None and not self.texts:
-            raise ValueError("`texts` must not be empty")
-        return self
 
 
 class RoleResult(SentimentResult):

@@ -6,16 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ...roles.definition import RoleError, parse_inline_role
-from ...roles.inputs import InputError, validate_text
-from ..context import Server, choice_json, watching
+from ..context import Server, choice_json
 from ..errors import ApiError
 from ..schemas import AnalyzeBatchResponse, AnalyzeRequest, AnalyzeResult, RolesResponse
-from ..worker import Job, JobTimeout
 
 
 def router(server: Server) -> APIRouter:
     routes = APIRouter()
-    settings = server.settings
     assistant = server.assistant
 
     @routes.get("/v1/roles", tags=["api"], dependencies=server.auth(), response_model=RolesResponse)
@@ -45,14 +42,7 @@ def router(server: Server) -> APIRouter:
         response_model=AnalyzeResult | AnalyzeBatchResponse,
     )
     async def analyze(body: AnalyzeRequest, request: Request):
-        texts = [body.text] if body.text is not None else body.texts
-        if len(texts) > settings.max_batch_texts:
-            raise ApiError(422, f"texts: {len(texts)} texts; the limit is {settings.max_batch_texts} per request")
-        for i, text in enumerate(texts):
-            try:
-                validate_text(text, settings.max_text_chars)
-            except InputError as err:
-                raise ApiError(422, f"texts[{i}]: {err}" if body.texts is not None else f"text: {err}") from None
+        texts = server.checked_texts(body)
         definitions = []
         for i, role in enumerate(body.roles):
             try:
@@ -66,24 +56,14 @@ def router(server: Server) -> APIRouter:
             if definition.name in {d.name for d in definitions}:
                 raise ApiError(422, f"roles[{i}]: role {definition.name!r} is asked twice")
             definitions.append(definition)
-        job = server.submit(lambda job: analyze_all(server, texts, definitions, job), "analyze")
-        async with watching(request, job):
-            _, results = await server.first_event(job)
+
+        def answer(text: str) -> dict:
+            answers = assistant.analyze_roles(text, definitions)
+            return {
+                "roles": {role.name: choice_json(answers[role.name], role, every_label=True) for role in definitions}
+            }
+
+        results = await server.answer_each(request, texts, answer, "analyze")
         return results[0] if body.text is not None else {"results": results}
 
     return routes
-
-
-def analyze_all(server: Server, texts: list[str], roles: list, job: Job) -> None:
-    """On the worker: every text's answers, as one `result` event (none if the client went)."""
-    results = []
-    for text in texts:
-        if job.should_stop():
-            if job.timed_out():
-                raise JobTimeout("the request timed out")
-            return
-        answers = server.assistant.analyze_roles(text, roles)
-        results.append(
-            {"roles": {role.name: choice_json(answers[role.name], role, every_label=True) for role in roles}}
-        )
-    job.emit("result", results)
