@@ -17,7 +17,6 @@ def cmd_eval(args, settings: Settings) -> int:
     if args.train:
         raise CliError("--train goes with --labels (a head per source of the manifest)")
     from ..evaluation.data import DataError, load_labelled
-    from ..evaluation.labelsets import macro_f1
     from ..evaluation.metrics import calibration, draw_reliability, summarize
     from ..roles.definition import RoleError
     from ..service import discover_roles, mood_role
@@ -65,7 +64,6 @@ def cmd_eval(args, settings: Settings) -> int:
             probabilities.append(result.probability)
             bar.update(1)
     report = summarize(items, predictions, latencies)
-    report["macro_f1"] = macro_f1([item["label"] for item in items], predictions)
     if None not in probabilities:
         correct = [p == item["label"] for p, item in zip(predictions, items, strict=True)]
         report["calibration"] = calibration(probabilities, correct)

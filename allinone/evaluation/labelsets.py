@@ -21,6 +21,7 @@ import numpy as np
 from ..roles.definition import RoleDefinition, RoleError, parse_role
 from ..roles.head import HEAD_FORMAT, ChoiceHead, train_head
 from .data import DataError, read_jsonl
+from .metrics import summarize
 
 INSTRUCTION = {
     "zh": "这段文字属于下面哪一类?根据每类的说明,选最贴切的一个。",
@@ -136,41 +137,11 @@ def heads_for_sources(
     return heads
 
 
-def macro_f1(gold: Sequence[str], predicted: Sequence[str]) -> float:
-    labels = sorted(set(gold))
-    scores = []
-    for label in labels:
-        tp = sum(1 for g, p in zip(gold, predicted, strict=True) if g == label and p == label)
-        fp = sum(1 for g, p in zip(gold, predicted, strict=True) if g != label and p == label)
-        fn = sum(1 for g, p in zip(gold, predicted, strict=True) if g == label and p != label)
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return float(np.mean(scores)) if scores else 0.0
-
-
 def report(rows: Sequence[dict], predicted: Sequence[str], latencies: Sequence[float]) -> dict:
-    def group(key: str) -> dict:
-        members: dict[str, list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            members[str(row.get(key, "?"))].append(i)
-        return {
-            name: {
-                "n": len(idx),
-                "accuracy": float(np.mean([rows[i]["label"] == predicted[i] for i in idx])),
-                "macro_f1": macro_f1([rows[i]["label"] for i in idx], [predicted[i] for i in idx]),
-            }
-            for name, idx in sorted(members.items())
-        }
-
-    gold = [row["label"] for row in rows]
-    return {
-        "n": len(rows),
-        "accuracy": float(np.mean([g == p for g, p in zip(gold, predicted, strict=True)])),
-        # Per source (labels of different sources are different classes), then averaged.
-        "macro_f1": float(np.mean([g["macro_f1"] for g in group("source").values()])),
-        "by_lang": group("lang"),
-        "by_source": group("source"),
-        "latency_ms": {
-            "p50": float(np.percentile(latencies, 50)),
-            "p95": float(np.percentile(latencies, 95)),
-        },
-    }
+    """evaluation.metrics.summarize, with the label sets' own overall macro F1 (labels of different
+    sources are different classes: per source, then averaged) and no confusion matrix (it would mix
+    the sources' labels)."""
+    result = summarize(rows, predicted, latencies)
+    del result["confusion"]
+    result["macro_f1"] = float(np.mean([g["macro_f1"] for g in result["by_source"].values()]))
+    return result

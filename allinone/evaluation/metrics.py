@@ -12,14 +12,32 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
 
+def macro_f1(gold: Sequence[str], predicted: Sequence[str]) -> float:
+    """F1 per gold label, averaged: every label counts alike, however rare."""
+    scores = []
+    for label in sorted(set(gold)):
+        tp = sum(1 for g, p in zip(gold, predicted, strict=True) if g == label and p == label)
+        fp = sum(1 for g, p in zip(gold, predicted, strict=True) if g != label and p == label)
+        fn = sum(1 for g, p in zip(gold, predicted, strict=True) if g == label and p != label)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
 def summarize(items: Sequence[dict], predictions: Sequence[str], latencies_ms: Sequence[float]) -> dict:
     correct = [p == item["label"] for item, p in zip(items, predictions, strict=True)]
 
     def grouped(key: str) -> dict:
-        groups: dict[str, list[bool]] = defaultdict(list)
-        for item, ok in zip(items, correct, strict=True):
-            groups[str(item.get(key, "?"))].append(ok)
-        return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())}
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[str(item.get(key, "?"))].append(i)
+        return {
+            name: {
+                "n": len(members),
+                "accuracy": sum(correct[i] for i in members) / len(members),
+                "macro_f1": macro_f1([items[i]["label"] for i in members], [predictions[i] for i in members]),
+            }
+            for name, members in sorted(groups.items())
+        }
 
     labels = list(dict.fromkeys([item["label"] for item in items] + list(predictions)))
     confusion = {gold: {pred: 0 for pred in labels} for gold in labels}
@@ -28,6 +46,7 @@ def summarize(items: Sequence[dict], predictions: Sequence[str], latencies_ms: S
     return {
         "n": len(items),
         "accuracy": sum(correct) / len(correct) if correct else None,
+        "macro_f1": macro_f1([item["label"] for item in items], predictions),
         "by_lang": grouped("lang"),
         "by_source": grouped("source"),
         "confusion": confusion,  # confusion[gold][predicted]
