@@ -233,27 +233,28 @@ class Assistant:
 
     def role_head(self, role: RoleDefinition) -> ChoiceHead | None:
         """The role's learned head on the analysis pass, if one exists for this model (and the pass
-        has a head of its own to stop at the same depth)."""
+        has a head of its own to stop at the same depth). A role sent with a request has none."""
         if role.name == self.mood.name and role is self.roles.roles.get(role.name):
             return self.head
-        if role.name not in self._role_heads or role.source == "request":
-            head = None
-            sha = self.model_sha256()
-            if self.settings.sentiment_head and sha and role.source != "request" and self.head is not None:
-                head = ChoiceHead.find(
-                    sha, self.analysis_point().key, self.head_directory(), role.name, role.label_names
-                )
-            if head is not None:
-                head.check_fits(self.engine.n_layers, self.engine.hidden_size)
-                if head.layers != self.head.layers:
-                    raise HeadError(
-                        f"the head of role {role.name!r} reads after block {head.layers}, but the analysis pass "
-                        f"stops after block {self.head.layers}: train it again"
-                    )
-            if role.source == "request":
-                return head
-            self._role_heads[role.name] = head
+        if role.source == "request":
+            return None
+        if role.name not in self._role_heads:
+            self._role_heads[role.name] = self._find_role_head(role)
         return self._role_heads[role.name]
+
+    def _find_role_head(self, role: RoleDefinition) -> ChoiceHead | None:
+        sha = self.model_sha256()
+        if not (self.settings.sentiment_head and sha and self.head is not None):
+            return None
+        head = ChoiceHead.find(sha, self.analysis_point().key, self.head_directory(), role.name, role.label_names)
+        if head is not None:
+            head.check_fits(self.engine.n_layers, self.engine.hidden_size)
+            if head.layers != self.head.layers:
+                raise HeadError(
+                    f"the head of role {role.name!r} reads after block {head.layers}, but the analysis pass "
+                    f"stops after block {self.head.layers}: train it again"
+                )
+        return head
 
     def zero_shot(self, role: RoleDefinition) -> ChoiceRole:
         """The role scored by its own prompt's label words, on the lane such roles share."""
