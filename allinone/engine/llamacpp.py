@@ -7,6 +7,7 @@ what is kept between requests.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -91,6 +92,16 @@ class _LayerTap:
         # not only the last one's (hidden_states_of_new_tokens).
         self.all_rows: list[np.ndarray] | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """Every token's row of the passes run inside, in a list (one [n_tokens, n_embd] per decode)."""
+        rows: list[np.ndarray] = []
+        self.all_rows = rows
+        try:
+            yield rows
+        finally:
+            self.all_rows = None
 
     def arm(self, layers: int, stop: bool = True) -> None:
         self.target, self.value, self.stop = f"l_out-{layers - 1}".encode(), None, stop
@@ -350,12 +361,8 @@ class LlamaCppEngine(Engine):
         """Like hidden_state, but the residual stream of every token this call evaluates
         ([n, hidden]; `last_stats.reused` leading tokens came from the cache and have no row). For
         offline tools that train on the residual stream (tools/sentiment_lora, tools/chat_lora)."""
-        rows: list[np.ndarray] = []
-        self._tap.all_rows = rows
-        try:
+        with self._tap.collecting() as rows:
             self.hidden_state(tokens, layers, lane=lane)
-        finally:
-            self._tap.all_rows = None
         return np.concatenate(rows)
 
     def lane_alone(self, lane: int) -> bool:
@@ -417,12 +424,8 @@ class LlamaCppEngine(Engine):
         if lane >= self.tapped_lanes:
             raise EngineError(f"lane {lane} cannot read hidden states: only lanes below {self.tapped_lanes} can")
         if rows:
-            collected: list[np.ndarray] = []
-            self._tap.all_rows = collected
-            try:
+            with self._tap.collecting() as collected:
                 self._decode_hidden(lane, tokens, start, layers, stop)
-            finally:
-                self._tap.all_rows = None
             return np.concatenate(collected)
         self._tap.arm(layers, stop)
         try:
