@@ -1,5 +1,6 @@
-# make setup : .venv with the package and its dependencies (the transformers engine's extra
-#              included: torch CPU, transformers, gguf), plus the verified default model.
+# make setup : .venv with the package and its dependencies (the transformers and scale extras
+#              included: torch CPU, transformers, gguf; psycopg), plus the verified default model,
+#              Debian's Chromium and PostgreSQL binaries (no database server is started).
 #              Idempotent: a second run only checks the stamps (llama-cpp-python builds from
 #              source the first time, ~10 minutes; pip caches the wheel afterwards).
 # make test  : setup, then the whole test suite, every tier (loads the real default model once).
@@ -18,16 +19,16 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: setup model browser test test-fast lint serve bench clean-venv llama-server
+.PHONY: setup model browser postgres test test-fast lint serve bench clean-venv llama-server
 
-setup: $(STAMP) model browser
+setup: $(STAMP) model browser postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --progress-bar off -e '.[test,transformers]'
+	$(BIN)/python -m pip install --progress-bar off -e '.[test,transformers,scale]'
 	touch $(STAMP)
 
 model: $(STAMP)
@@ -37,6 +38,14 @@ model: $(STAMP)
 browser:
 	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium; }
+
+# Debian's PostgreSQL server binaries for the session-store tests: each test run makes its own
+# throwaway cluster (initdb in a temporary directory, loopback only); no server is left running.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		$(SUDO) mkdir -p /etc/postgresql-common && \
+		echo 'create_main_cluster = false' | $(SUDO) tee /etc/postgresql-common/createcluster.conf >/dev/null && \
+		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y postgresql; }
 
 serve: setup
 	$(BIN)/allinone serve

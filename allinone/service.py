@@ -398,7 +398,13 @@ class Assistant:
             stats.completion_tokens = len(stream.tokens)
             stats.finish_reason = stream.finish_reason
             conversation.turns.append(
-                Turn(message=message, sentiment=sentiment.label, user_content=user_content, reply=stream.text)
+                Turn(
+                    message=message,
+                    sentiment=sentiment.label,
+                    user_content=user_content,
+                    reply=stream.text,
+                    annotations={self.mood.name: sentiment.annotation()},
+                )
             )
 
         return Response(sentiment, deltas(), finish, stats)

@@ -154,8 +154,10 @@ class Settings(BaseSettings):
         8_000, ge=1, description="Longest chat message (respond, chat completions) in characters (422 beyond)."
     )
     max_batch_texts: int = Field(64, ge=1, description="Most texts in one /v1/sentiment request.")
-    session_db: Path | None = Field(
-        None, description="SQLite file of the chat sessions; default: <home>/sessions.sqlite3."
+    session_db: str | None = Field(
+        None,
+        description="Where chat sessions live: a SQLite file path or sqlite:///FILE, or postgresql://USER@HOST/DB "
+        "(shared by replicas; needs the scale extra); default: <home>/sessions.sqlite3.",
     )
     session_max_turns: int = Field(
         100,
@@ -168,5 +170,5 @@ class Settings(BaseSettings):
     def resolved_home(self) -> Path:
         return Path(self.home).expanduser()
 
-    def resolved_session_db(self) -> Path:
-        return Path(self.session_db).expanduser() if self.session_db else self.resolved_home() / "sessions.sqlite3"
+    def resolved_session_db(self) -> str:
+        return self.session_db or str(self.resolved_home() / "sessions.sqlite3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -80,3 +81,30 @@ def server(tmp_path_factory, default_model_path):
     proc.start()
     yield proc
     proc.stop()
+
+
+# ---- session stores: SQLite, and PostgreSQL in a throwaway cluster (the scale extra) --------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One PostgreSQL cluster for the test session, in a temporary directory on a free loopback
+    port; skipped (with the reason) only when the scale extra (psycopg) is not installed."""
+    pytest.importorskip("psycopg", reason="the scale extra is not installed: pip install -e '.[scale]'")
+    from tests.pgcluster import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty session database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sessions.sqlite3'}"
+    cluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database(f"test_{next(_DATABASE_NUMBERS)}")
+
+
+_DATABASE_NUMBERS = itertools.count(1)

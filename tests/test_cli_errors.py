@@ -160,3 +160,17 @@ def test_unknown_roles_and_role_files_are_refused_before_the_model_loads(cli, tm
     write_jsonl(data, [{"text": "t", "label": "furious"}])
     code, _, err = cli(["eval", str(data), "--role", "emotion"])
     assert code == 2 and f"{data} line 1: 'label' must be one of anger, disgust" in err
+
+
+def test_an_unreachable_session_database_exits_2_before_the_model_loads(cli):
+    pytest.importorskip("psycopg", reason="the scale extra is not installed")
+    from tests.pgcluster import free_port
+
+    code, _, err = cli(["serve", "--session-db", f"postgresql://me:pw@127.0.0.1:{free_port()}/sessions"])
+    assert code == 2
+    assert "session database postgresql://me:***@127.0.0.1" in err and "pw@" not in err
+
+
+def test_an_unknown_session_database_kind_exits_2(cli):
+    code, _, err = cli(["serve", "--session-db", "mysql://localhost/db"])
+    assert code == 2 and "not supported" in err

@@ -231,3 +231,35 @@ def test_sentiment_and_service_routes(client):
     assert client.get("/v1/models").json()["data"][0]["id"] == "allinone"
     assert "allinone_requests_total" in client.get("/metrics").text
     assert client.get("/").headers["content-security-policy"].startswith("default-src 'self'")
+
+
+def test_a_session_shows_each_turns_number_and_annotations(client):
+    first = client.post("/v1/respond", json={"message": "今天好开心"}).json()
+    turns = client.get(f"/v1/sessions/{first['session_id']}").json()["turns"]
+    assert [t["seq"] for t in turns] == [1]
+    stored = turns[0]["annotations"]
+    assert list(stored) == ["sentiment"] and stored["sentiment"]["label"] == first["sentiment"]["label"]
+    assert stored["sentiment"]["probability"] == pytest.approx(first["sentiment"]["probability"], abs=1e-6)
+
+
+def test_a_session_database_that_goes_away_answers_503_and_recovers(tmp_path, postgres_cluster):
+    from tests.pgcluster import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    try:
+        settings = Settings(home=tmp_path, sentiment_prompt="original", reply_max_tokens=24, **GUARDS_OFF)
+        assistant = Assistant(engine=FakeEngine(reply="谢谢你的分享!", n_ctx=2048), settings=settings)
+        store = SessionStore(cluster.url, connect_timeout=2)
+        with TestClient(create_app(assistant, settings, store=store)) as client:
+            session = client.post("/v1/respond", json={"message": "你好"}).json()["session_id"]
+            cluster.stop_server()
+            down = client.post("/v1/respond", json={"message": "还在吗", "session_id": session})
+            assert down.status_code == 503 and down.json()["error"]["type"] == "store_unavailable"
+            assert down.headers["retry-after"] == "5"
+            assert client.get(f"/v1/sessions/{session}").status_code == 503
+            cluster.start_server()
+            back = client.post("/v1/respond", json={"message": "回来了", "session_id": session})
+            assert back.status_code == 200 and back.json()["turns"] == 2
+            assert [t["message"] for t in client.get(f"/v1/sessions/{session}").json()["turns"]] == ["你好", "回来了"]
+    finally:
+        cluster.stop()

@@ -162,11 +162,13 @@ def cmd_batch(args, settings: Settings) -> int:
 
 
 def cmd_serve(args, settings: Settings) -> int:
-    from ..server.app import check_bind, serve
+    from ..conversation.store import StoreError
+    from ..server.app import check_bind, open_store, serve
 
-    try:
-        check_bind(settings)  # before paying for the model load
-    except ValueError as err:
+    try:  # before paying for the model load
+        check_bind(settings)
+        store = open_store(settings)
+    except (ValueError, StoreError) as err:
         raise CliError(str(err)) from None
     assistant = load_assistant(settings)
     print(
@@ -175,7 +177,7 @@ def cmd_serve(args, settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
-    serve(assistant, settings)
+    serve(assistant, settings, store=store)
     return 0
 
 

@@ -12,6 +12,8 @@ class Turn:
     sentiment: str  # the label detected for it
     user_content: str  # the user turn as the model saw it (message wrapped by the chat prompt)
     reply: str  # the assistant's reply (partial if it was interrupted)
+    # Every role's result for the message: role name -> {"label", "probability"}.
+    annotations: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass

@@ -45,6 +45,10 @@ class Choice:
             "truncated": self.truncated,
         }
 
+    def annotation(self) -> dict:
+        """What a session keeps of it for a turn."""
+        return {"label": self.label, "probability": self.probability}
+
     @classmethod
     def from_probabilities(
         cls, labels: tuple[str, ...], probs: np.ndarray, latency_ms: float, truncated: bool = False

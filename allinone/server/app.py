@@ -51,12 +51,17 @@ def check_bind(settings: Settings) -> None:
         )
 
 
-def create_app(assistant, settings: Settings, *, store: SessionStore | None = None) -> FastAPI:
-    store = store or SessionStore(
+def open_store(settings: Settings) -> SessionStore:
+    """The configured session store, reachable and with its schema (raises StoreError)."""
+    return SessionStore(
         settings.resolved_session_db(),
         max_turns=settings.session_max_turns,
         idle_seconds=settings.session_idle_hours * 3600,
     )
+
+
+def create_app(assistant, settings: Settings, *, store: SessionStore | None = None) -> FastAPI:
+    store = store or open_store(settings)
     server = Server(
         assistant=assistant,
         settings=settings,
@@ -107,12 +112,12 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
     return app
 
 
-def serve(assistant, settings: Settings) -> None:
+def serve(assistant, settings: Settings, *, store: SessionStore | None = None) -> None:
     """Run the server until interrupted (the model is already loaded)."""
     import uvicorn
 
     check_bind(settings)
-    app = create_app(assistant, settings)
+    app = create_app(assistant, settings, store=store)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5, access_log=False

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..conversation.store import StoreError
 from ..engine.base import ContextOverflow
 from ..roles.inputs import InputError
 from .schemas import ErrorResponse
@@ -72,6 +73,11 @@ def as_api_error(err: BaseException) -> ApiError:
         return ApiError(504, str(err), "timeout")
     if isinstance(err, Busy):
         return ApiError(503, str(err), "server_busy", {"Retry-After": "5"})
+    if isinstance(err, StoreError):
+        log.warning("%s", err)
+        return ApiError(
+            503, "the session database is unavailable; try again", "store_unavailable", {"Retry-After": "5"}
+        )
     return ApiError(500, f"internal error ({type(err).__name__})", "server_error")
 
 
@@ -91,6 +97,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_json(
             err.status_code, message, _STATUS_TYPES.get(err.status_code, "http_error"), getattr(err, "headers", None)
         )
+
+    @app.exception_handler(StoreError)
+    async def _store(request, err: StoreError):
+        shown = as_api_error(err)
+        return error_json(shown.status, shown.message, shown.type, shown.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, err: Exception):

@@ -150,13 +150,20 @@ class RespondResponse(RespondDone):
     reply: str
 
 
+class Annotation(BaseModel):
+    label: str
+    probability: float | None
+
+
 class SessionTurn(BaseModel):
+    seq: int = Field(description="The turn's number in its session: consecutive, whichever replica stored it.")
     message: str
-    sentiment: str
+    sentiment: str = Field(description="The chat role's mood label for the message (`display`, `emoji`: as shown).")
     probability: float | None
     emoji: str
     display: str
     reply: str
+    annotations: dict[str, Annotation] = Field(description="Every role's result for the message, by role name.")
 
 
 class SessionResponse(BaseModel):

@@ -63,7 +63,7 @@ def respond_job(server: Server, session_id: str, message: str, sampling: Samplin
     """On the worker: `sentiment`, then `delta` events, then `done` once the turn is committed (a
     turn interrupted before any reply text is not stored)."""
     store, metrics = server.store, server.metrics
-    conversation = Conversation(turns=store.turns(session_id))
+    conversation = Conversation(turns=store.turns(session_id, server.assistant.mood.name))
     response = server.assistant.respond(conversation, message, sampling=sampling, should_stop=job.should_stop)
     job.emit("sentiment", {"session_id": session_id, **choice_json(response.sentiment, server.assistant.mood)})
     for delta in response:
@@ -73,9 +73,7 @@ def respond_job(server: Server, session_id: str, message: str, sampling: Samplin
     stored = len(conversation.turns) - 1
     turn = conversation.turns[-1]
     if turn.reply or finish != "cancelled":
-        stored = store.commit_turn(
-            session_id, turn, probability=response.sentiment.probability, dropped=stats.dropped_turns
-        )
+        stored = store.commit_turn(session_id, turn, dropped=stats.dropped_turns)
     if finish == "cancelled":
         metrics.count_cancelled()
         if job.timed_out():

@@ -18,16 +18,21 @@ def check_session_id(session_id: str) -> None:
 
 
 def turn_json(turn: dict, mood) -> dict:
-    """A stored turn, its mood shown as the mood role (a roles.definition.RoleDefinition) shows it;
-    a label the role no longer has is shown as stored, without an emoji."""
-    known = turn["sentiment"] in mood.label_names
+    """A stored turn with every role's annotation, its mood (the `mood` role's, a
+    roles.definition.RoleDefinition) also shown as that role shows it; a label the role no longer
+    has is shown as stored, without an emoji."""
+    noted = turn["annotations"].get(mood.name) or {}
+    label = str(noted.get("label", ""))
+    known = label in mood.label_names
     return {
+        "seq": turn["seq"],
         "message": turn["message"],
-        "sentiment": turn["sentiment"],
-        "probability": turn["probability"],
-        "emoji": mood.label(turn["sentiment"]).emoji if known else "",
-        "display": mood.shown(turn["sentiment"]) if known else str(turn["sentiment"]),
+        "sentiment": label,
+        "probability": noted.get("probability"),
+        "emoji": mood.label(label).emoji if known else "",
+        "display": mood.shown(label) if known else label,
         "reply": turn["reply"],
+        "annotations": turn["annotations"],
     }
 
 
