@@ -389,3 +389,55 @@ def test_a_role_added_by_a_file_alone_answers_zero_shot_then_learns_from_its_exa
     lines = [json.loads(line) for line in labelled.read_text().splitlines()]
     assert [line["roles"]["support_intent"]["label"] for line in lines] == ["shipping_problem", "refund"]
     assert [line["id"] for line in lines] == [0, 1] and "label" not in lines[0]
+
+
+FORTY_TEXTS = [
+    *(
+        "今天的实验终于成功了,太棒了!",
+        "快递又丢了,客服还不理人。",
+        "这家店的面很好吃,下次还来。",
+        "排队两个小时,最后告诉我卖完了。",
+    ),
+    *(
+        "新买的耳机音质不错,就是有点夹头。",
+        "房东突然要涨房租,真头疼。",
+        "孩子第一次自己系鞋带,好开心。",
+        "电脑蓝屏,论文没保存。",
+    ),
+    *("周末爬山看到了云海,值了!", "地铁坏了,上班迟到被扣钱。", "朋友送了我一束花,心情大好。", "手机屏幕摔碎了。"),
+    *("终于拿到驾照了!", "这部电影剧情拖沓,看睡着了。", "年终奖比预期多,开心。", "外卖送错了,还是凉的。"),
+    *("老师表扬了我的作文。", "航班延误六个小时。", "新同事人很好,很热心。", "牙疼了一整晚。"),
+    *("The service was slow and the food was cold.", "Best concert I have been to in years!"),
+    *("My package arrived broken.", "The new update fixed every bug I had.", "I waited an hour on hold for nothing."),
+    *("What a lovely surprise party, thank you all!", "The hotel room smelled of smoke."),
+    *("Our team won the final!", "The battery dies after two hours.", "Great value, would buy again."),
+    *("The instructions made no sense at all.", "I finally paid off my student loans!"),
+    *("The train was cancelled again.", "This coffee is perfect.", "Customer support hung up on me."),
+    *("The garden looks beautiful this spring.", "My flight lost my luggage.", "Such a kind and helpful nurse."),
+    *("The app crashes every time I open it.", "We adopted a puppy today!"),
+]
+
+
+def test_batch_on_ray_matches_the_single_process_run(cli_env, tmp_path):
+    """The acceptance command on 40 texts: 2 actors × 1 thread on a local Ray give the same
+    labels and probabilities as the single-process run (which uses both cores in one model)."""
+    pytest.importorskip("ray", reason="the scale extra is not installed")
+    rows = [{"id": f"r{i}", "text": text} for i, text in enumerate(FORTY_TEXTS)]
+    src = tmp_path / "dev40.jsonl"
+    write_jsonl(src, rows)
+    here, on_ray = tmp_path / "here.jsonl", tmp_path / "ray.jsonl"
+    code, _, err = run(["batch", str(src), "-o", str(here)], cli_env, timeout=600)
+    assert code == 0, err
+    code, _, err = run(
+        ["batch", str(src), "-o", str(on_ray), "--ray", "--actors", "2", "--threads-per-actor", "1"],
+        cli_env,
+        timeout=900,
+    )
+    assert code == 0, err
+    assert "40 labelled, 0 already done, 40 in all" in err
+    assert "core_worker" not in err and "Running Dataset" not in err  # Ray's own logs stay off
+    single = [json.loads(line) for line in here.read_text(encoding="utf-8").splitlines()]
+    spread = [json.loads(line) for line in on_ray.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in spread] == [r["id"] for r in rows]
+    assert [r["label"] for r in spread] == [r["label"] for r in single]
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(spread, single, strict=True)) <= 1e-6

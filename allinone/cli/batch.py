@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..evaluation.data import DataError, read_jsonl
@@ -76,31 +76,41 @@ def roles_fields(results: dict) -> dict:
     return fields
 
 
+def labelled_row(item: dict, analyze: Callable[[str], object], fields: Callable[[object], dict]) -> dict:
+    """An input line with its answer: the input's fields kept, the answer's added."""
+    row = dict(item)
+    if "label" in row:
+        # Keep a label the input already had (often the gold one) instead of overwriting it.
+        row["input_label"] = row.pop("label")
+    try:
+        result = analyze(item["text"])
+    except InputError as err:
+        # One unusable text (e.g. over the length cap) must not sink a long job.
+        row["error"] = str(err)
+    else:
+        row.update(fields(result))
+    return row
+
+
 def run_batch(
-    analyze: Callable[[str], object],
+    analyze: Callable[[str], object] | None,
     items: list[dict],
     out_path: Path,
     *,
     fields: Callable[[object], dict] = sentiment_fields,
     progress_factory=None,
+    label_all: Callable[[list[dict]], Iterator[dict]] | None = None,
 ) -> dict:
+    """Label the items not yet in out_path, writing each line as soon as it and every line before
+    it are known. `label_all(todo)` yields the answered lines in input order (Ray Data's actors);
+    by default they are labelled here, one by one, with `analyze`."""
     skip = completed_lines(out_path, items)
     todo = items[skip:]
     bar = progress_factory(total=len(items), initial=skip) if progress_factory else None
     written = 0
+    rows = label_all(todo) if label_all else (labelled_row(item, analyze, fields) for item in todo)
     with open(out_path, "a", encoding="utf-8") as out:
-        for item in todo:
-            row = dict(item)
-            if "label" in row:
-                # Keep a label the input already had (often the gold one) instead of overwriting it.
-                row["input_label"] = row.pop("label")
-            try:
-                result = analyze(item["text"])
-            except InputError as err:
-                # One unusable text (e.g. over the length cap) must not sink a long job.
-                row["error"] = str(err)
-            else:
-                row.update(fields(result))
+        for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
             written += 1
@@ -110,3 +120,24 @@ def run_batch(
     if bar:
         bar.close()
     return {"total": len(items), "skipped": skip, "written": written}
+
+
+class AssistantLabeller:
+    """How a line is answered, as a recipe that travels to Ray actors (settings and roles only:
+    each actor loads its own model with `threads` threads)."""
+
+    def __init__(self, settings, roles: list | None):
+        self.settings, self.roles = settings, roles
+
+    def __call__(self, threads: int | None = None, *, load=None) -> Callable[[dict], dict]:
+        """item -> answered line, on a model loaded here by `load(settings)` (default
+        Assistant.load)."""
+        if load is None:
+            from ..service import Assistant
+
+            load = Assistant.load
+        assistant = load(self.settings if threads is None else self.settings.model_copy(update={"threads": threads}))
+        if self.roles:
+            roles = self.roles
+            return lambda item: labelled_row(item, lambda text: assistant.analyze_roles(text, roles), roles_fields)
+        return lambda item: labelled_row(item, assistant.analyze, sentiment_fields)

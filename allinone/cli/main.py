@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, evaluate, models, use
+from . import bench, evaluate, models, scale, use
 from .common import CliError
 from .flags import add_settings_flags, settings_from_args
 
-GROUPS = (models, use, evaluate, bench)
+GROUPS = (models, use, evaluate, bench, scale)
 
 
 def build_parser() -> argparse.ArgumentParser:

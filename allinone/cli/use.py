@@ -130,28 +130,28 @@ def cmd_chat(args, settings: Settings) -> int:
 
 def cmd_batch(args, settings: Settings) -> int:
     from ..evaluation.data import DataError
-    from .batch import completed_lines, read_batch_input, roles_fields, run_batch, sentiment_fields
+    from ..roles.definition import RoleError
+    from ..service import discover_roles
+    from .batch import AssistantLabeller, completed_lines, read_batch_input, run_batch
 
     in_path, out_path = Path(args.input), Path(args.output)
     if in_path.resolve() == out_path.resolve():
         raise CliError("the output file must differ from the input file")
     try:
         items = read_batch_input(in_path)
-        completed_lines(out_path, items)  # an output of another input is refused before the model loads
-        assistant = load_assistant(settings)
-        if args.roles:
-            roles = resolve_roles(args.roles, assistant.roles)
+        done = completed_lines(out_path, items)  # an output of another input is refused before the model loads
+        try:
+            roles = resolve_roles(args.roles, discover_roles(settings)) if args.roles else None
+        except RoleError as err:
+            raise CliError(str(err)) from None
+        recipe = AssistantLabeller(settings, roles)
+        if args.ray is None:
+            label = recipe(load=load_assistant) if done < len(items) else None
             summary = run_batch(
-                lambda text: assistant.analyze_roles(text, roles),
-                items,
-                out_path,
-                fields=roles_fields,
-                progress_factory=progress_bar,
+                None, items, out_path, progress_factory=progress_bar, label_all=lambda todo: map(label, todo)
             )
         else:
-            summary = run_batch(
-                assistant.analyze, items, out_path, fields=sentiment_fields, progress_factory=progress_bar
-            )
+            summary = batch_on_ray(args, recipe, items, out_path)
     except DataError as err:
         raise CliError(str(err)) from None
     print(
@@ -159,6 +159,28 @@ def cmd_batch(args, settings: Settings) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def batch_on_ray(args, recipe, items: list[dict], out_path: Path) -> dict:
+    from ..scale.cluster import ClusterError, ray_session
+    from ..scale.ray_batch import label_on_ray
+    from .batch import run_batch
+
+    if args.actors < 1 or args.threads_per_actor < 1:
+        raise CliError("--actors and --threads-per-actor must be at least 1")
+    try:
+        with ray_session(args.ray or None, args.actors * args.threads_per_actor) as ray:
+            return run_batch(
+                None,
+                items,
+                out_path,
+                progress_factory=progress_bar,
+                label_all=lambda todo: label_on_ray(
+                    ray, todo, recipe, actors=args.actors, threads_per_actor=args.threads_per_actor
+                ),
+            )
+    except ClusterError as err:
+        raise CliError(str(err)) from None
 
 
 def cmd_serve(args, settings: Settings) -> int:
@@ -208,6 +230,22 @@ def register(command) -> None:
         metavar="ROLE,...",
         help="choice roles to answer (as in analyze): each line gets `roles` {name: {label, probability}} "
         "instead of `label` and `probability`",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="label on Ray Data, one model per actor: join the cluster at ADDRESS (HOST:PORT), or without "
+        "ADDRESS start a local Ray on loopback for this command (needs the scale extra)",
+    )
+    p.add_argument("--actors", type=int, default=2, metavar="N", help="with --ray: actors, each with its own model")
+    p.add_argument(
+        "--threads-per-actor",
+        type=int,
+        default=1,
+        metavar="T",
+        help="with --ray: CPUs each actor reserves, and its llama.cpp threads",
     )
     command(
         "serve",

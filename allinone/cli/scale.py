@@ -1,0 +1,145 @@
+"""`bench-batch`: batch throughput in one process and on Ray Data, on the same texts in one run.
+
+Each configuration labels the same texts through the real `batch` path (`run_batch`, writing a
+temporary file), and the time of every written line is recorded: end to end (start-up and model
+loads included) and steady state (lines per second once the first tenth is written, so start-up
+and warm-up are left out). From these: Ray's efficiency (2 actors × 1 thread against twice one
+process with 1 thread), its fixed start-up cost, and the input size where it breaks even with one
+process using every core.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..settings import Settings
+from .common import CliError, warn
+
+DEFAULT_TEXTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment-dev.jsonl"
+
+
+class LineClock:
+    """Stands in for the progress bar: the time each line was written."""
+
+    def __init__(self, start: float):
+        self.start, self.times = start, []
+
+    def __call__(self, **_):
+        return self
+
+    def update(self, n: int) -> None:
+        self.times.extend([time.perf_counter()] * n)
+
+    def close(self) -> None:
+        pass
+
+    def figures(self) -> dict:
+        n = len(self.times)
+        first = max(1, n // 10)
+        steady = (n - first) / (self.times[-1] - self.times[first - 1]) if n - first > 0 else None
+        end_to_end = self.times[-1] - self.start
+        return {
+            "texts": n,
+            "end_to_end_s": round(end_to_end, 2),
+            "end_to_end_texts_per_s": round(n / end_to_end, 3),
+            "steady_texts_per_s": None if steady is None else round(steady, 3),
+            # what start-up costs: end to end minus the steady-state time for the same lines
+            "startup_s": None if steady is None else round(end_to_end - n / steady, 2),
+        }
+
+
+def run_config(items: list[dict], settings: Settings, *, threads: int, actors: int | None) -> dict:
+    from .batch import AssistantLabeller, run_batch
+
+    recipe = AssistantLabeller(settings, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.jsonl"
+        start = time.perf_counter()
+        clock = LineClock(start)
+        if actors is None:
+            label = recipe(threads)
+            run_batch(None, items, out, progress_factory=clock, label_all=lambda todo: map(label, todo))
+        else:
+            from ..scale.cluster import ray_session
+            from ..scale.ray_batch import label_on_ray
+
+            with ray_session(None, actors * threads) as ray:
+                run_batch(
+                    None,
+                    items,
+                    out,
+                    progress_factory=clock,
+                    label_all=lambda todo: label_on_ray(ray, todo, recipe, actors=actors, threads_per_actor=threads),
+                )
+        labels = [json.loads(line).get("label") for line in out.read_text(encoding="utf-8").splitlines()]
+    return {**clock.figures(), "labels": labels}
+
+
+def cmd_bench_batch(args, settings: Settings) -> int:
+    from ..evaluation.benchmark import spread_evenly
+    from ..evaluation.data import DataError, read_jsonl
+    from ..scale.cluster import ClusterError
+
+    path = Path(args.texts) if args.texts else DEFAULT_TEXTS
+    try:
+        items = [{"id": obj.get("id", n), "text": obj["text"]} for n, obj in read_jsonl(path)]
+    except DataError as err:
+        raise CliError(f"{err} (choose the texts with --texts FILE)") from None
+    items = spread_evenly(items, args.limit)
+    configs = [
+        ("one process, 1 thread", 1, None),
+        ("one process, 2 threads", 2, None),
+        ("Ray Data, 1 actor × 2 threads", 2, 1),
+        ("Ray Data, 2 actors × 1 thread", 1, 2),
+    ]
+    report: dict = {"texts": len(items), "runs": {}}
+    try:
+        for name, threads, actors in configs:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            report["runs"][name] = run_config(items, settings, threads=threads, actors=actors)
+    except ClusterError as err:
+        raise CliError(str(err)) from None
+    runs = report["runs"]
+    reference = runs["one process, 1 thread"]["labels"]
+    for name, run in runs.items():
+        if run.pop("labels") != reference:
+            warn(f"{name}: labels differ from one process, 1 thread")
+    single1, single2, ray21 = (
+        runs["one process, 1 thread"],
+        runs["one process, 2 threads"],
+        runs["Ray Data, 2 actors × 1 thread"],
+    )
+    report["ray_efficiency"] = round(ray21["steady_texts_per_s"] / (2 * single1["steady_texts_per_s"]), 3)
+    # Ray 2×1 beats one process with 2 threads end to end from this many texts on (if it ever does)
+    gain = 1 / single2["steady_texts_per_s"] - 1 / ray21["steady_texts_per_s"]
+    extra = ray21["startup_s"] - single2["startup_s"]
+    report["break_even_texts"] = round(extra / gain) if gain > 0 else None
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{len(items)} texts from {path}")
+    print(f"{'configuration':32} {'steady texts/s':>15} {'end-to-end texts/s':>19} {'start-up s':>11}")
+    for name, run in runs.items():
+        print(f"{name:32} {run['steady_texts_per_s']:>15} {run['end_to_end_texts_per_s']:>19} {run['startup_s']:>11}")
+    print(f"Ray efficiency (2 actors × 1 thread) / (2 × one process 1 thread): {report['ray_efficiency']}")
+    if report["break_even_texts"] is None:
+        print("Ray 2×1 does not beat one process with 2 threads in steady state here: no break-even size")
+    else:
+        print(f"Ray 2×1 beats one process with 2 threads end to end from about {report['break_even_texts']} texts")
+    return 0
+
+
+def register(command) -> None:
+    p = command(
+        "bench-batch",
+        cmd_bench_batch,
+        "Batch throughput on the same texts: one process with 1 and 2 threads, Ray Data with 1 actor × 2 "
+        "threads and 2 actors × 1 thread (steady state, end to end, start-up, efficiency, break-even).",
+    )
+    p.add_argument("--texts", metavar="FILE", help=f"JSONL with `text` (default: {DEFAULT_TEXTS})")
+    p.add_argument("--limit", type=int, default=200, help="N texts, spread evenly over the file (default 200)")
+    p.add_argument("--json", action="store_true")
