@@ -24,8 +24,15 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, workdir: Path, *, session_db: Path | None = None, env: dict | None = None, port: int | None = None
+        self,
+        workdir: Path,
+        *,
+        session_db: Path | str | None = None,
+        env: dict | None = None,
+        port: int | None = None,
+        args: list[str] | None = None,
     ):
+        self.args = args or []
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.session_db = session_db or workdir / "sessions.sqlite3"
@@ -41,7 +48,7 @@ class ServerProcess:
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "allinone", "serve"],
+            [sys.executable, "-m", "allinone", "serve", *self.args],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -76,5 +83,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.proc is not None:
+            try:  # whatever it started in its own session (Ray's processes) goes too
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if hasattr(self, "_log"):
             self._log.close()

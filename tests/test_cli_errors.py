@@ -174,3 +174,29 @@ def test_an_unreachable_session_database_exits_2_before_the_model_loads(cli):
 def test_an_unknown_session_database_kind_exits_2(cli):
     code, _, err = cli(["serve", "--session-db", "mysql://localhost/db"])
     assert code == 2 and "not supported" in err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["batch", "IN", "-o", "OUT", "--ray", "127.0.0.1:PORT"], "cannot connect"),
+        (["batch", "IN", "-o", "OUT", "--ray", "nowhere"], "expected HOST:PORT"),
+        (["batch", "IN", "-o", "OUT", "--ray", "--actors", "64", "--threads-per-actor", "4"], "CPUs"),
+        (["serve", "--ray", "127.0.0.1:PORT"], "cannot connect"),
+        (["serve", "--ray", "--replicas", "64", "--threads-per-replica", "4"], "CPUs"),
+        (["serve", "--ray", "--autoscale", "3,1"], "MIN <= MAX"),
+        (["serve", "--ray", "--autoscale", "two"], "two whole numbers"),
+    ],
+)
+def test_ray_requests_that_cannot_run_exit_2_before_any_work(cli, tmp_path, args, message):
+    pytest.importorskip("ray", reason="the scale extra is not installed")
+    from tests.pgcluster import free_port
+
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"id": "a", "text": "fine"}])
+    args = [
+        {"IN": str(src), "OUT": str(tmp_path / "out.jsonl")}.get(a, a.replace("PORT", str(free_port()))) for a in args
+    ]
+    code, _, err = cli(args)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -18,7 +18,11 @@ MAY_USE = {
     "service": {"roles", "conversation", "engine", "model", "settings"},
     "server": {"roles", "conversation", "engine", "settings"},
     "evaluation": {"service", "roles", "conversation", "engine", "model", "settings"},
-    "cli": {"server", "evaluation", "service", "roles", "conversation", "engine", "model", "settings", "machine"},
+    "scale": {"server", "service", "conversation", "settings", "machine"},
+    "cli": {
+        *("scale", "server", "evaluation", "service", "roles", "conversation", "engine", "model", "settings"),
+        "machine",
+    },
     "__main__": {"cli"},
 }
 

@@ -192,6 +192,9 @@ def cmd_serve(args, settings: Settings) -> int:
         store = open_store(settings)
     except (ValueError, StoreError) as err:
         raise CliError(str(err)) from None
+    if args.ray is not None:
+        store.close()  # each replica opens its own
+        return serve_on_ray(args, settings)
     assistant = load_assistant(settings)
     print(
         f"allinone serving {assistant.model_path.name} ({assistant.load_seconds:.1f} s to load) on "
@@ -200,6 +203,35 @@ def cmd_serve(args, settings: Settings) -> int:
         flush=True,
     )
     serve(assistant, settings, store=store)
+    return 0
+
+
+def serve_on_ray(args, settings: Settings) -> int:
+    import os
+
+    from ..scale.cluster import ClusterError, ray_session
+    from ..scale.ray_serve import run
+
+    autoscale = None
+    if args.autoscale:
+        try:
+            low, high = (int(part) for part in args.autoscale.split(","))
+        except ValueError:
+            raise CliError(f"--autoscale MIN,MAX: two whole numbers, got {args.autoscale!r}") from None
+        if not 1 <= low <= high:
+            raise CliError("--autoscale MIN,MAX needs 1 <= MIN <= MAX")
+        autoscale = (low, high)
+    replicas = None if autoscale else args.replicas
+    if replicas is not None and replicas < 1:
+        raise CliError("--replicas must be at least 1")
+    most = autoscale[1] if autoscale else replicas
+    threads = args.threads_per_replica or max(1, (os.cpu_count() or 1) // most)
+    settings = settings.model_copy(update={"threads": threads})
+    try:
+        with ray_session(args.ray or None, most * threads) as ray:
+            run(ray, settings, replicas=replicas, autoscale=autoscale)
+    except ClusterError as err:
+        raise CliError(str(err)) from None
     return 0
 
 
@@ -247,9 +279,30 @@ def register(command) -> None:
         metavar="T",
         help="with --ray: CPUs each actor reserves, and its llama.cpp threads",
     )
-    command(
+    p = command(
         "serve",
         cmd_serve,
         "HTTP API (sentiment, respond, OpenAI-compatible chat completions) and the "
         "web page, on one model; loopback unless an API key is set.",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run as Ray Serve replicas (one model each) behind Serve's proxy on the same host, port and "
+        "routes: join the cluster at ADDRESS (HOST:PORT) or start a local Ray (needs the scale extra); "
+        "sessions are shared through --session-db (postgresql://… across machines)",
+    )
+    p.add_argument("--replicas", type=int, default=2, metavar="N", help="with --ray: replicas (default 2)")
+    p.add_argument(
+        "--autoscale",
+        metavar="MIN,MAX",
+        help="with --ray: between MIN and MAX replicas, by load (instead of --replicas)",
+    )
+    p.add_argument(
+        "--threads-per-replica",
+        type=int,
+        metavar="T",
+        help="with --ray: CPUs each replica reserves and its llama.cpp threads (default: cores / replicas)",
     )
