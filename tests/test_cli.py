@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -441,3 +442,45 @@ def test_batch_on_ray_matches_the_single_process_run(cli_env, tmp_path):
     assert [r["id"] for r in spread] == [r["id"] for r in rows]
     assert [r["label"] for r in spread] == [r["label"] for r in single]
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(spread, single, strict=True)) <= 1e-6
+
+
+def test_batch_joins_a_two_node_ray_cluster(cli_env, tmp_path):
+    """The multi-node path: a head and a second node started with `ray start` on this machine
+    (1 CPU each, token authentication as `ray start` sets it up), joined by address; 2 actors of 1
+    thread can only run one on each node."""
+    pytest.importorskip("ray", reason="the scale extra is not installed")
+    from tests.pgcluster import free_port
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    env = {**cli_env, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus", "1", "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats"]
+    try:
+        head = subprocess.run(
+            [ray_cli, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert head.returncode == 0, head.stderr
+        node = subprocess.run(
+            [ray_cli, "start", "--address", f"127.0.0.1:{port}", *common],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert node.returncode == 0, node.stderr
+        rows = [{"id": f"r{i}", "text": text} for i, text in enumerate(FORTY_TEXTS[:12])]
+        src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        write_jsonl(src, rows)
+        code, _, err = run(
+            ["batch", str(src), "-o", str(out), "--ray", f"127.0.0.1:{port}", "--actors", "2"], env, timeout=600
+        )
+        assert code == 0, err
+        labelled = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [r["id"] for r in labelled] == [r["id"] for r in rows]
+        assert all(r["label"] in ("positive", "negative") for r in labelled)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -143,3 +143,157 @@ def register(command) -> None:
     p.add_argument("--texts", metavar="FILE", help=f"JSONL with `text` (default: {DEFAULT_TEXTS})")
     p.add_argument("--limit", type=int, default=200, help="N texts, spread evenly over the file (default 200)")
     p.add_argument("--json", action="store_true")
+    register_serve(command)
+
+
+SERVE_CONFIGS = {
+    "allinone serve (2 threads)": ["--threads", "2"],
+    "Ray Serve, 1 replica × 2 threads": ["--ray", "--replicas", "1", "--threads-per-replica", "2"],
+    "Ray Serve, 2 replicas × 1 thread": ["--ray", "--replicas", "2", "--threads-per-replica", "1"],
+}
+READY_LINE = "allinone on Ray Serve"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(flags: list[str], port: int, log_path: Path, timeout: float = 300.0):
+    import os
+    import subprocess
+
+    import httpx
+
+    env = {**os.environ, "ALLINONE_PORT": str(port), "ALLINONE_HOST": "127.0.0.1"}
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "allinone", "serve", *flags],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CliError(f"`allinone serve {' '.join(flags)}` exited: {log_path.read_text(errors='replace')[-2000:]}")
+        ready = "--ray" not in flags or READY_LINE in log_path.read_text(errors="replace")
+        try:
+            if ready and httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise CliError(f"`allinone serve {' '.join(flags)}` did not become ready in {timeout:.0f} s")
+
+
+def stop_server(proc) -> None:
+    import os
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def memory_mb(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = round(int(value.split()[0]) / 1024)
+    return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
+
+
+def cmd_bench_serve(args, settings: Settings) -> int:
+    import asyncio
+
+    from ..server.loadtest import SAMPLE_TEXTS, run
+    from .common import progress_bar
+
+    concurrencies = [int(c) for c in args.clients.split(",")]
+    report: dict = {"duration_s": args.duration, "configs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flags in SERVE_CONFIGS.items():
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            port = free_port()
+            proc = start_server(flags, port, Path(tmp) / f"{port}.log")
+            url = f"http://127.0.0.1:{port}"
+            try:
+                runs = {}
+                bar = progress_bar(total=len(concurrencies) + 1, desc=name)
+                health = asyncio.run(run(url, 1, min(args.duration, 10), SAMPLE_TEXTS, None, health_only=True))
+                bar.update(1)
+                instances = set(health["instances"])
+                for clients in concurrencies:
+                    result = asyncio.run(run(url, clients, args.duration, SAMPLE_TEXTS, None))
+                    instances.update(result["instances"])
+                    runs[clients] = {
+                        "requests_per_s": result["ok_per_s"],
+                        "p50_ms": result["latency_ms"]["p50"],
+                        "p95_ms": result["latency_ms"]["p95"],
+                        "non_2xx": result["non_2xx"],
+                    }
+                    bar.update(1)
+                bar.close()
+                pids = [int(i.rsplit(":", 1)[1]) for i in instances] or [proc.pid]
+                report["configs"][name] = {
+                    "clients": runs,
+                    "healthz_p50_ms": health["latency_ms"]["p50"],
+                    "memory_per_process": [memory_mb(pid) for pid in pids],
+                }
+            finally:
+                stop_server(proc)
+    configs = report["configs"]
+    plain, proxied = configs["allinone serve (2 threads)"], configs["Ray Serve, 1 replica × 2 threads"]
+    report["proxy_overhead_ms"] = {
+        # the same compute (one model, 2 threads) with and without Serve's proxy in front
+        "sentiment_p50_at_1_client": round(
+            proxied["clients"][concurrencies[0]]["p50_ms"] - plain["clients"][concurrencies[0]]["p50_ms"], 1
+        ),
+        "healthz_p50": round(proxied["healthz_p50_ms"] - plain["healthz_p50_ms"], 1),
+    }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    print(f"POST /v1/sentiment, {args.duration:g} s per row")
+    print(f"{'configuration':34} {'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'non-2xx':>8}")
+    for name, config in configs.items():
+        for clients, r in config["clients"].items():
+            print(
+                f"{name:34} {clients:>7} {r['requests_per_s']:>7} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['non_2xx']:>8}"
+            )
+    for name, config in configs.items():
+        shown = ", ".join(f"{m['rss_mb']} MB (peak {m['peak_rss_mb']})" for m in config["memory_per_process"])
+        print(f"memory per {'replica' if 'Ray' in name else 'process'}, {name}: {shown}")
+    overhead = report["proxy_overhead_ms"]
+    print(
+        f"proxy overhead (1 replica × 2 threads against plain serve): sentiment p50 at 1 client "
+        f"{overhead['sentiment_p50_at_1_client']} ms, /healthz p50 {overhead['healthz_p50']} ms"
+    )
+    return 0
+
+
+def register_serve(command) -> None:
+    p = command(
+        "bench-serve",
+        cmd_bench_serve,
+        "Requests/s and latency of POST /v1/sentiment at several client counts: plain `allinone serve` and Ray "
+        "Serve with 1 replica × 2 threads and 2 replicas × 1 thread; the proxy's overhead; memory per replica.",
+    )
+    p.add_argument("--clients", default="1,4,8", help="concurrent clients, comma-separated (default 1,4,8)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per client count (default 20)")
+    p.add_argument("--json", action="store_true")

@@ -56,7 +56,20 @@ def ray_session(address: str | None, cpus_needed: float):
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
-        ray.init(address=address, **options)
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError) as err:
+            hint = ""
+            causes, cause = [], err
+            while cause is not None:
+                causes.append(str(cause))
+                cause = cause.__cause__ or cause.__context__
+            if "authentication" in " ".join(causes).lower():
+                hint = (
+                    " (the cluster uses token authentication, the default of `ray start`: set RAY_AUTH_MODE=token "
+                    "and give the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                )
+            raise ClusterError(f"Ray address {address}: cannot join the cluster{hint}") from None
     else:
         ray.init(
             num_cpus=os.cpu_count() or 1,

@@ -4,8 +4,8 @@ Each replica loads its own model (with as many llama.cpp threads as CPUs it rese
 the app exactly as `allinone serve` does (`server.app.create_app`): its own inference worker and
 queue, 503 when full, SSE streaming and cancellation. Serve's proxy listens on the configured
 host and port and spreads requests over the replicas; a replica takes at most as many requests
-as its worker can run or queue, and the proxy queues at most one beyond that, so when every
-replica is full the client gets 503 at once rather than waiting behind a hidden queue. Sessions live in the
+as its worker can run or queue, and the proxy queues at most `queue_size` more, so when every
+replica is full the client gets 503 rather than waiting behind an unbounded hidden queue. Sessions live in the
 session database, which every replica opens (a SQLite file on one machine, PostgreSQL across
 machines), so a conversation whose turns land on different replicas keeps its history.
 """
@@ -67,7 +67,9 @@ def deployment(settings: Settings, *, replicas: int | None, autoscale: tuple[int
         name="allinone",
         ray_actor_options={"num_cpus": settings.threads},
         max_ongoing_requests=holds,
-        max_queued_requests=1,  # Serve's least (0 is refused)
+        # Requests wait in the proxy's router while it picks a replica, so a bound of 1 already
+        # turns away bursts of 4 clients; the replica's own queue size is the bound a user chose.
+        max_queued_requests=settings.queue_size,
         health_check_period_s=10,
         graceful_shutdown_timeout_s=10,
     )

@@ -50,10 +50,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-async def run(url: str, concurrency: int, duration: float, texts: list[str], api_key: str | None) -> dict:
+async def run(
+    url: str, concurrency: int, duration: float, texts: list[str], api_key: str | None, *, health_only: bool = False
+) -> dict:
+    """`health_only`: GET /healthz instead (no model work: what the path to the app costs)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    instances: set[str] = set()
     transport_errors = 0
     stop_at = time.perf_counter() + duration
 
@@ -65,12 +69,16 @@ async def run(url: str, concurrency: int, duration: float, texts: list[str], api
             i += concurrency
             start = time.perf_counter()
             try:
-                r = await http.post(url.rstrip("/") + "/v1/sentiment", json={"text": text}, headers=headers)
+                if health_only:
+                    r = await http.get(url.rstrip("/") + "/healthz")
+                else:
+                    r = await http.post(url.rstrip("/") + "/v1/sentiment", json={"text": text}, headers=headers)
             except httpx.HTTPError:
                 transport_errors += 1
                 continue
             latencies.append((time.perf_counter() - start) * 1000)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            instances.add(r.headers.get("x-allinone-instance", ""))
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     began = time.perf_counter()
@@ -90,6 +98,7 @@ async def run(url: str, concurrency: int, duration: float, texts: list[str], api
         "statuses": statuses,
         "requests_per_s": round(total / wall, 2),
         "ok_per_s": round(ok / wall, 2),
+        "instances": sorted(i for i in instances if i),  # the Ray Serve replicas that answered
         "latency_ms": {
             "p50": round(percentile(latencies, 0.5), 1),
             "p95": round(percentile(latencies, 0.95), 1),
