@@ -124,3 +124,35 @@ def test_the_assistant_recipe_gives_each_actor_its_thread_count():
     assert label({"id": "a", "text": "x"})["label"] == "positive"
     recipe(None, load=load)
     assert loaded == [1, 2]
+
+
+def test_a_directory_of_shards_streams_through_and_resumes_by_shard(ray, tmp_path):
+    from allinone.scale.ray_batch import label_shards_on_ray
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    shards = {f"part-{n}.jsonl": items(7 + n)[: 7 + n] for n in range(3)}
+    for name, rows in shards.items():
+        lines = [json.dumps(r) for r in rows]
+        if name == "part-1.jsonl":
+            lines.insert(3, '{"id": "broken", "text": ')  # a bad line gets its error; the rest go on
+            lines.insert(5, '["not", "an", "object"]')
+        (in_dir / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (in_dir / "empty.jsonl").write_text("", encoding="utf-8")
+    (in_dir / "notes.txt").write_text("not a shard", encoding="utf-8")
+    # an earlier run finished part-0 and was interrupted in part-1
+    out_dir.mkdir()
+    (out_dir / "part-0.jsonl").write_text("done before\n", encoding="utf-8")
+    (out_dir / "part-1.jsonl.partial").write_text('{"id": "r0"}\n', encoding="utf-8")
+
+    summary = label_shards_on_ray(ray, in_dir, out_dir, slow_labeller, actors=2, threads_per_actor=1)
+    assert summary == {"shards": 4, "skipped_shards": 1, "written": 8 + 2 + 9}
+    assert sorted(p.name for p in out_dir.iterdir()) == ["empty.jsonl", "part-0.jsonl", "part-1.jsonl", "part-2.jsonl"]
+    assert (out_dir / "part-0.jsonl").read_text() == "done before\n"  # a finished shard is not redone
+    part1 = [json.loads(line) for line in (out_dir / "part-1.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r.get("id") for r in part1] == ["r0", "r1", "r2", None, "r3", None, "r4", "r5", "r6", "r7"]
+    assert part1[3]["error"].startswith("not valid JSON") and part1[3]["input"].startswith('{"id": "broken"')
+    assert part1[5]["error"] == 'needs a JSON object with a string "text"'
+    part2 = [json.loads(line) for line in (out_dir / "part-2.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in part2] == [r["id"] for r in shards["part-2.jsonl"]]
+    assert label_shards_on_ray(ray, in_dir, out_dir, slow_labeller, actors=2, threads_per_actor=1)["written"] == 0

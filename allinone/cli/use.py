@@ -137,6 +137,8 @@ def cmd_batch(args, settings: Settings) -> int:
     in_path, out_path = Path(args.input), Path(args.output)
     if in_path.resolve() == out_path.resolve():
         raise CliError("the output file must differ from the input file")
+    if in_path.is_dir():
+        return batch_shards_on_ray(args, settings, in_path, out_path)
     try:
         items = read_batch_input(in_path)
         done = completed_lines(out_path, items)  # an output of another input is refused before the model loads
@@ -156,6 +158,45 @@ def cmd_batch(args, settings: Settings) -> int:
         raise CliError(str(err)) from None
     print(
         f"{summary['written']} labelled, {summary['skipped']} already done, {summary['total']} in all -> {out_path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def batch_shards_on_ray(args, settings: Settings, in_dir: Path, out_dir: Path) -> int:
+    """IN_DIR/*.jsonl -> OUT_DIR/: Ray Data reads and the driver streams, for inputs larger than
+    its memory."""
+    from ..roles.definition import RoleError
+    from ..scale.cluster import ClusterError, ray_session
+    from ..scale.ray_batch import label_shards_on_ray
+    from ..service import discover_roles
+    from .batch import AssistantLabeller
+
+    if args.ray is None:
+        raise CliError(f"{in_dir} is a directory: a directory of *.jsonl shards is labelled on Ray (add --ray)")
+    if not any(in_dir.glob("*.jsonl")):
+        raise CliError(f"{in_dir} has no *.jsonl shards")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"{out_dir} is a file: with a directory of shards in, -o names a directory")
+    if args.actors < 1 or args.threads_per_actor < 1:
+        raise CliError("--actors and --threads-per-actor must be at least 1")
+    try:
+        roles = resolve_roles(args.roles, discover_roles(settings)) if args.roles else None
+    except RoleError as err:
+        raise CliError(str(err)) from None
+    recipe = AssistantLabeller(settings, roles)
+    try:
+        with ray_session(args.ray or None, args.actors * args.threads_per_actor) as ray:
+            bar = progress_bar()
+            summary = label_shards_on_ray(
+                ray, in_dir, out_dir, recipe, actors=args.actors, threads_per_actor=args.threads_per_actor, progress=bar
+            )
+            bar.close()
+    except ClusterError as err:
+        raise CliError(str(err)) from None
+    print(
+        f"{summary['written']} lines labelled in {summary['shards'] - summary['skipped_shards']} shards, "
+        f"{summary['skipped_shards']} shards already done -> {out_dir}",
         file=sys.stderr,
     )
     return 0
@@ -255,8 +296,8 @@ def register(command) -> None:
     )
     command("chat", cmd_chat, "Interactive chat: sentiment of each line at once, then the streamed reply.")
     p = command("batch", cmd_batch, "Label every JSONL line's `text`; resumable after an interruption.")
-    p.add_argument("input", metavar="IN.jsonl")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    p.add_argument("input", metavar="IN.jsonl", help="a JSONL file, or with --ray a directory of *.jsonl shards")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.jsonl", help="a file, or a directory for shards")
     p.add_argument(
         "--roles",
         metavar="ROLE,...",
