@@ -35,7 +35,7 @@ def load_assistant(settings: Settings, **options):
 def progress_bar(**kwargs):
     from tqdm import tqdm
 
-    return tqdm(file=sys.stderr, unit="text", dynamic_ncols=True, **kwargs)
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **{"unit": "text", **kwargs})
 
 
 def warn(message: str) -> None:

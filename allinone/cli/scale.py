@@ -234,7 +234,7 @@ def cmd_bench_serve(args, settings: Settings) -> int:
             url = f"http://127.0.0.1:{port}"
             try:
                 runs = {}
-                bar = progress_bar(total=len(concurrencies) + 1, desc=name)
+                bar = progress_bar(total=len(concurrencies) + 1, desc=name, unit="run")
                 health = asyncio.run(run(url, 1, min(args.duration, 10), SAMPLE_TEXTS, None, health_only=True))
                 bar.update(1)
                 instances = set(health["instances"])
