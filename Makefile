@@ -4,7 +4,7 @@
 #              Idempotent: a second run only checks the stamps (llama-cpp-python builds from
 #              source the first time, ~10 minutes; pip caches the wheel afterwards).
 # make test  : setup, then the whole test suite, every tier (loads the real default model once).
-# make test-fast : the tests that need neither the model nor a browser (under a minute).
+# make test-fast : the tests that need neither the model nor a browser nor a minute (no Ray).
 # make lint  : ruff's checks and its formatter, as configured in pyproject.toml.
 # make serve : setup, then the HTTP API and web page on http://127.0.0.1:8000/ (allinone serve).
 # make bench : setup, then `allinone bench --quick` (with the llama-server peer if it was built).
@@ -58,7 +58,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not model and not browser"
+	$(BIN)/python -m pytest -m "not model and not browser and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check allinone tests tools

@@ -4,6 +4,7 @@ adapters over `Assistant`."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,13 +14,13 @@ from pathlib import Path
 
 from .conversation.history import Conversation, Turn
 from .engine import open_engine
-from .engine.base import Engine, Sampling
+from .engine.base import Engine, EngineError, Sampling
 from .engine.text import TextStream
 from .model.store import model_sha256, resolve_model_path
 from .roles.adapter import ChatAdapter, file_sha256
 from .roles.chat import ChatRole
 from .roles.choice import Choice, ChoiceRole
-from .roles.definition import ChatPromptSpec, RoleDefinition, RoleRegistry
+from .roles.definition import ChatPromptSpec, RoleDefinition, RoleError, RoleRegistry
 from .roles.head import ChoiceHead, HeadError, ReadingPoint
 from .roles.inputs import InputError, validate_text
 from .settings import Settings
@@ -37,6 +38,8 @@ class Lane(IntEnum):
     SPARE = 3  # unused by the service: the benchmark's second analyst
     ZERO_SHOT = 4  # choice roles without a head, each scored by its own prompt (they take turns)
 
+
+log = logging.getLogger("allinone.service")
 
 # The chat role's name; the choice role it is told the result of is its definition's `mood_from`.
 CHAT_ROLE = "chat"
@@ -60,6 +63,8 @@ class Response:
 
     def __init__(self, sentiment: Choice, deltas: Iterator[str], finish: Callable[[], None], stats: ReplyStats):
         self.sentiment = sentiment
+        # the message's other roles (settings.chat_roles): known once the first reply token is out
+        self.annotations: dict[str, Choice] | None = None
         self.stats = stats
         self._deltas = deltas
         self._finish = finish
@@ -189,6 +194,7 @@ class Assistant:
         assistant = cls(engine=engine, settings=settings, model_path=path, roles=roles)
         assistant.chat.use_adapter(adapter)
         assistant.use_heads(head, chat_head)
+        assistant.chat_roles()  # an unknown role in settings.chat_roles fails here, not at the first message
         assistant.load_seconds = time.perf_counter() - start
         return assistant
 
@@ -388,26 +394,63 @@ class Assistant:
 
         def deltas():
             for delta in stream:
-                if stats.time_to_first_token_ms is None:
+                first = stats.time_to_first_token_ms is None
+                if first:
                     stats.time_to_first_token_ms = (time.perf_counter() - start) * 1000
                     stats.cached_tokens = self.engine.last_stats.reused if cached is None else cached
                 yield delta
+                if first:
+                    # The other roles read the analysis lane (a context of its own): done once the
+                    # person sees the reply begin, so they cost the first token nothing.
+                    response.annotations = self.annotate(message)
 
         def finish():
             stats.total_ms = (time.perf_counter() - start) * 1000
             stats.completion_tokens = len(stream.tokens)
             stats.finish_reason = stream.finish_reason
+            notes = {self.mood.name: sentiment.annotation()}
+            notes.update({name: choice.annotation() for name, choice in (response.annotations or {}).items()})
             conversation.turns.append(
                 Turn(
                     message=message,
                     sentiment=sentiment.label,
                     user_content=user_content,
                     reply=stream.text,
-                    annotations={self.mood.name: sentiment.annotation()},
+                    annotations=notes,
                 )
             )
 
-        return Response(sentiment, deltas(), finish, stats)
+        response = Response(sentiment, deltas(), finish, stats)
+        return response
+
+    def chat_roles(self) -> list[RoleDefinition]:
+        """The choice roles shown with each chat message (settings.chat_roles) that have a learned
+        head: a role without one would need a pass of its own prompt per message. An unknown name
+        is a RoleError (Assistant.load asks once, so a typo fails at start)."""
+        names = [n.strip() for n in (self.settings.chat_roles or "").split(",") if n.strip()]
+        roles = [self.roles.get(name) for name in names]
+        for role in roles:
+            if role.kind != "choice":
+                raise RoleError(f"chat_roles: {role.name!r} is a {role.kind} role, not a choice role")
+        return [role for role in roles if self.role_head(role) is not None]
+
+    def annotate(self, message: str) -> dict[str, Choice]:
+        """The chat roles' answers for a message, from one pass on the analysis lane; none if that
+        pass fails (the reply goes on: these are extras)."""
+        try:
+            roles = self.chat_roles()
+            return self.analyze_roles(message, roles) if roles else {}
+        except (InputError, HeadError, EngineError) as err:
+            log.warning("chat roles skipped for one message: %s", err)
+            return {}
+
+    def annotation_line(self, annotations: dict[str, Choice], lang: str = "zh") -> str:
+        """`😢 悲伤 · 倾诉`: each role's label as a person sees it, the first with its emoji."""
+        parts = []
+        for name, choice in annotations.items():
+            label = self.roles.get(name).label(choice.label)
+            parts.append(f"{label.emoji} {label.shown(lang)}".strip() if not parts else label.shown(lang))
+        return " · ".join(parts)
 
     def _mood_on_the_chat_pass(self, tokens: list[int]) -> Choice:
         start = time.perf_counter()

@@ -132,6 +132,13 @@ class Settings(BaseSettings):
         "conversation: a second or third reply does not say the first again.",
     )
 
+    chat_roles: str = Field(
+        "emotion,intent",
+        description="Choice roles shown with each chat message (`😢 悲伤 · 倾诉`) and kept in its session turn, "
+        "comma-separated; only roles with a learned head (one shared pass, after the first reply token); "
+        "empty: none.",
+    )
+
     # ---- the HTTP service (`allinone serve`) ----
     host: str = Field(
         "127.0.0.1",

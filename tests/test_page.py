@@ -56,6 +56,9 @@ def test_page_shows_sentiment_then_streamed_reply_and_keeps_the_session(server, 
         page.wait_for_selector(".turn.done", timeout=120_000)
         reply = page.locator(".turn .reply").first.inner_text()
         assert reply.strip()
+        # under the sentiment: the message's emotion and intent, e.g. "😄 喜悦 · 分享喜事"
+        roles = page.locator(".turn .roles").first.inner_text()
+        assert " · " in roles and roles.startswith("😄 喜悦"), roles
         assert page.locator(".turn .user").first.inner_text() == message
         assert page.locator(".turn .user b").count() == 0
         page.screenshot(path=str(tmp_path / "page.png"))
@@ -65,6 +68,7 @@ def test_page_shows_sentiment_then_streamed_reply_and_keeps_the_session(server, 
         page.wait_for_selector(".turn.done", timeout=30_000)
         assert page.locator(".turn .user").first.inner_text() == message
         assert page.locator(".turn .reply").first.inner_text() == reply
+        assert page.locator(".turn .roles").first.inner_text() == roles  # kept in the session
 
         # "New conversation" starts over.
         page.click("#new")

@@ -15,6 +15,7 @@ from allinone.roles.inputs import InputError
 from allinone.settings import Settings
 
 pytest.importorskip("ray", reason="the scale extra is not installed: pip install -e '.[scale]'")
+pytestmark = pytest.mark.slow  # a local Ray and its actors: ~40 s
 
 from allinone.scale.cluster import ray_session  # noqa: E402
 from allinone.scale.ray_batch import label_on_ray  # noqa: E402

@@ -85,3 +85,28 @@ def test_503_when_every_replica_is_full(ray_server):
     for status, text in answers:
         if status == 503 and text.startswith("{"):
             assert json.loads(text)["error"]["type"] == "server_busy"
+
+
+def test_a_replica_killed_mid_service_is_replaced_and_requests_go_on(ray_server):
+    """Last in this file: it kills one of the two replicas (kill -9 of its process)."""
+    import os
+    import signal
+    import time
+
+    seen = set()
+    for _ in range(12):
+        seen.add(httpx.get(f"{ray_server.url}/healthz", timeout=30).headers[INSTANCE])
+        if len(seen) == 2:
+            break
+    victim = sorted(seen)[0]
+    os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+    answered, deadline = set(), time.monotonic() + 180
+    while time.monotonic() < deadline:
+        r = respond(ray_server, "我还在吗?")
+        if r.status_code == 200:
+            answered.add(r.headers[INSTANCE])
+        if answered - seen:  # a new replica has taken the dead one's place
+            break
+        time.sleep(1)
+    assert victim not in answered
+    assert answered - seen, f"no replacement replica answered within 180 s (answered: {answered})"

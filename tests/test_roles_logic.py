@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from allinone.conversation.history import Conversation
 from allinone.conversation.store import SessionStore
 from allinone.roles.choice import ChoiceRole
-from allinone.roles.definition import parse_role
+from allinone.roles.definition import RoleError, parse_role
 from allinone.roles.head import ChoiceHead
 from allinone.server.app import create_app
 from allinone.service import Assistant, Lane
@@ -192,3 +193,51 @@ def test_analyze_refuses_bad_roles_clearly_and_changes_nothing(client, assistant
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]["message"]
     assert list(assistant.roles.roles) == known
+
+
+def test_respond_reads_the_chat_roles_after_the_first_token_and_keeps_them_in_the_turn(assistant):
+    assert [r.name for r in assistant.chat_roles()] == ["emotion"]  # intent has no head here
+    conversation = Conversation()
+    response = assistant.respond(conversation, "好朋友结婚没有邀请我,有点难过。")
+    deltas = iter(response)
+    next(deltas)
+    assert response.annotations is None  # the person sees the reply begin first
+    list(deltas)
+    assert response.annotations is not None
+    alone = assistant.analyze_roles("好朋友结婚没有邀请我,有点难过。", ["emotion"])["emotion"]
+    assert response.annotations["emotion"].probabilities == pytest.approx(alone.probabilities, abs=1e-4)
+    turn = conversation.turns[-1]
+    assert set(turn.annotations) == {"sentiment", "emotion"}
+    assert turn.annotations["emotion"]["label"] == alone.label
+    label = assistant.roles.get("emotion").label(alone.label)
+    assert assistant.annotation_line(response.annotations) == f"{label.emoji} {label.shown('zh')}"
+
+
+def test_chat_roles_can_be_turned_off_and_a_wrong_name_is_a_clear_error(assistant):
+    assistant.settings = assistant.settings.model_copy(update={"chat_roles": ""})
+    response = assistant.respond(Conversation(), "你好")
+    response.text()
+    assert response.annotations == {}
+    assistant.settings = assistant.settings.model_copy(update={"chat_roles": "emotion,moods"})
+    with pytest.raises(RoleError, match="moods"):
+        assistant.chat_roles()
+    assistant.settings = assistant.settings.model_copy(update={"chat_roles": "chat"})
+    with pytest.raises(RoleError, match="not a choice role"):
+        assistant.chat_roles()
+
+
+def test_the_page_flow_streams_the_annotations_and_the_session_keeps_them(client):
+    r = client.post("/v1/respond", json={"message": "我升职了!", "stream": True})
+    kinds = [line.removeprefix("event: ") for line in r.text.splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "sentiment" and kinds[1] == "delta" and kinds[-1] == "done"
+    assert kinds.count("annotations") == 1
+    events = [json.loads(line.removeprefix("data: ")) for line in r.text.splitlines() if line.startswith("data: ")]
+    shown = events[kinds.index("annotations")]
+    assert list(shown["roles"]) == ["emotion"] and shown["display"]
+    assert events[-1]["annotations"] == shown
+    session = events[0]["session_id"]
+    stored = client.get(f"/v1/sessions/{session}").json()["turns"][0]
+    assert stored["annotations"]["emotion"]["label"] == shown["roles"]["emotion"]["label"]
+    assert stored["annotations_display"] == shown["display"]
+    whole = client.post("/v1/respond", json={"message": "好累啊", "session_id": session}).json()
+    assert list(whole["annotations"]["roles"]) == ["emotion"]

@@ -169,10 +169,16 @@ def test_respond_stream_sentiment_before_first_delta(server):
     kinds = [k for k, _ in events]
     assert kinds[0] == "sentiment", kinds
     assert "delta" in kinds and kinds[-1] == "done", kinds
-    assert set(kinds[1:-1]) == {"delta"}
+    # the emotion and intent come once, after the first delta (they cost the first token nothing)
+    assert kinds[1] == "delta" and kinds.count("annotations") == 1 and set(kinds[1:-1]) == {"delta", "annotations"}
     sentiment = events[0][1]
     assert sentiment["label"] in ("positive", "negative") and sentiment["display"].endswith(("正面", "负面"))
+    shown = events[kinds.index("annotations")][1]
+    assert list(shown["roles"]) == ["emotion", "intent"]
+    assert shown["roles"]["emotion"]["label"] == "sadness", shown  # 考试没考好，很难过
+    assert shown["display"].startswith("😢 悲伤 · ")
     done = events[-1][1]
+    assert done["annotations"] == shown
     assert done["session_id"] == sentiment["session_id"]
     assert 0 < done["usage"]["completion_tokens"] <= 12
     assert "".join(d["text"] for k, d in events if k == "delta").strip()

@@ -147,6 +147,11 @@ def format_chat(chat: dict) -> list[str]:
         lines.append(
             f"the same flow with two passes over the message (analyst, then chat lane): {flow(chat['two_passes'])}"
         )
+    if chat.get("chat_roles_ms_p50") is not None:
+        lines.append(
+            f"the message's chat roles (emotion, intent), once per reply after its first token: "
+            f"{chat['chat_roles_ms_p50']:.0f} ms"
+        )
     return lines
 
 

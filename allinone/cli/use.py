@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -120,7 +121,13 @@ def cmd_chat(args, settings: Settings) -> int:
             continue
         print(assistant.mood.shown(response.sentiment.label), flush=True)
         try:
-            for delta in response:
+            deltas = iter(response)
+            # The other roles are known once the reply has begun: their line goes under the
+            # sentiment's, before the reply (which a terminal cannot print around).
+            held = list(itertools.islice(deltas, 2))
+            if response.annotations:
+                print(assistant.annotation_line(response.annotations), flush=True)
+            for delta in itertools.chain(held, deltas):
                 print(delta, end="", flush=True)
         except KeyboardInterrupt:
             response.close()

@@ -287,8 +287,20 @@ def bench_chat(assistant, raw, messages: list[str], progress: Callable[[], None]
         timings[flow]["rates"].append(timing.decode_tokens_per_s)
         return response.sentiment.label
 
+    # The chat roles' pass (emotion, intent) comes once per reply, after its first token: timed on
+    # its own below, and kept out of the flows' decode rates, which the peer's have no pass in.
+    settings = assistant.settings
+    chat_roles_ms = []
     for index, message in enumerate(messages):
-        labels = {flow: run(flow, message) for flow in (flows if index % 2 == 0 else flows[::-1])}
+        assistant.settings = settings.model_copy(update={"chat_roles": ""})
+        try:
+            labels = {flow: run(flow, message) for flow in (flows if index % 2 == 0 else flows[::-1])}
+        finally:
+            assistant.settings = settings
+        if assistant.chat_roles():
+            start = time.perf_counter()
+            assistant.annotate(message)
+            chat_roles_ms.append((time.perf_counter() - start) * 1000)
         if raw:
             timing = raw.chat(assistant.chat.text_messages([], message, labels["ours"]), CHAT_BENCH_TOKENS)
             theirs["first"].append(timing.first_token_ms)
@@ -316,6 +328,8 @@ def bench_chat(assistant, raw, messages: list[str], progress: Callable[[], None]
         "n": len(messages),
         "max_tokens": CHAT_BENCH_TOKENS,
         **summary,
+        # one pause per reply, after its first token (settings.chat_roles: emotion, intent)
+        "chat_roles_ms_p50": _median(chat_roles_ms) if chat_roles_ms else None,
         "raw_llama_cpp_python": {
             "first_token_ms_p50": _median(theirs["first"]),
             "decode_tokens_per_s": _median(theirs["rates"]),

@@ -136,8 +136,17 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class MessageAnnotations(BaseModel):
+    roles: dict[str, SentimentResult] = Field(description="Each role of `chat_roles` (emotion, intent): its answer.")
+    display: str = Field(description="The line the page shows under the message, e.g. `😢 悲伤 · 倾诉`.")
+
+
 class RespondDone(BaseModel):
     session_id: str
+    annotations: MessageAnnotations = Field(
+        description="The message's other roles (setting chat_roles), computed once the reply has begun; "
+        "streamed as an `annotations` event too."
+    )
     finish_reason: str
     usage: Usage
     timings: Timings
@@ -164,6 +173,7 @@ class SessionTurn(BaseModel):
     display: str
     reply: str
     annotations: dict[str, Annotation] = Field(description="Every role's result for the message, by role name.")
+    annotations_display: str = Field(description="The other roles as the page shows them: `😢 悲伤 · 倾诉`.")
 
 
 class SessionResponse(BaseModel):

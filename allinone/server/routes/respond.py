@@ -59,15 +59,36 @@ async def respond_frames(first, rest: Events):
             yield sse(kind, data)
 
 
+def annotations_json(assistant, annotations: dict) -> dict:
+    """The message's other roles (settings.chat_roles): each as the API shows a choice, and the
+    line the page shows under the message (`😢 悲伤 · 倾诉`)."""
+    return {
+        "roles": {name: choice_json(choice, assistant.roles.get(name)) for name, choice in annotations.items()},
+        "display": assistant.annotation_line(annotations),
+    }
+
+
 def respond_job(server: Server, session_id: str, message: str, sampling: Sampling, job: Job) -> None:
     """On the worker: `sentiment`, then `delta` events, then `done` once the turn is committed (a
     turn interrupted before any reply text is not stored)."""
     store, metrics = server.store, server.metrics
     conversation = Conversation(turns=store.turns(session_id, server.assistant.mood.name))
     response = server.assistant.respond(conversation, message, sampling=sampling, should_stop=job.should_stop)
-    job.emit("sentiment", {"session_id": session_id, **choice_json(response.sentiment, server.assistant.mood)})
+    assistant = server.assistant
+    job.emit("sentiment", {"session_id": session_id, **choice_json(response.sentiment, assistant.mood)})
+    annotations = None
+
+    def announce():  # once, as soon as the flow has them (after the first delta)
+        nonlocal annotations
+        if annotations is None and response.annotations is not None:
+            annotations = annotations_json(assistant, response.annotations)
+            if response.annotations:  # no chat roles: no event
+                job.emit("annotations", annotations)
+
     for delta in response:
         job.emit("delta", delta)
+        announce()
+    announce()
     stats = response.stats
     finish = stats.finish_reason or "stop"
     stored = len(conversation.turns) - 1
@@ -84,6 +105,7 @@ def respond_job(server: Server, session_id: str, message: str, sampling: Samplin
         "done",
         {
             "session_id": session_id,
+            "annotations": annotations or {"roles": {}, "display": ""},
             "finish_reason": finish,
             "dropped_turns": stats.dropped_turns,
             "turns": stored,

@@ -17,7 +17,20 @@ def check_session_id(session_id: str) -> None:
         raise ApiError(422, "session_id: 1 to 64 characters among A-Z a-z 0-9 _ -")
 
 
-def turn_json(turn: dict, mood) -> dict:
+def annotations_line(turn: dict, roles, mood) -> str:
+    """The page's line under a stored message: its other roles as each shows its label (a role
+    or label no longer known is skipped)."""
+    parts = []
+    for name, noted in turn["annotations"].items():
+        role = roles.roles.get(name)
+        if name == mood.name or role is None or noted.get("label") not in role.label_names:
+            continue
+        label = role.label(noted["label"])
+        parts.append(f"{label.emoji} {label.shown('zh')}".strip() if not parts else label.shown("zh"))
+    return " · ".join(parts)
+
+
+def turn_json(turn: dict, mood, roles=None) -> dict:
     """A stored turn with every role's annotation, its mood (the `mood` role's, a
     roles.definition.RoleDefinition) also shown as that role shows it; a label the role no longer
     has is shown as stored, without an emoji."""
@@ -33,6 +46,7 @@ def turn_json(turn: dict, mood) -> dict:
         "display": mood.shown(label) if known else label,
         "reply": turn["reply"],
         "annotations": turn["annotations"],
+        "annotations_display": annotations_line(turn, roles, mood) if roles is not None else "",
     }
 
 
@@ -46,7 +60,10 @@ def router(server: Server) -> APIRouter:
         turns = await asyncio.to_thread(store.load, session_id)
         if turns is None:
             raise ApiError(404, f"no session {session_id!r} (never created, deleted or expired)", "not_found_error")
-        return {"session_id": session_id, "turns": [turn_json(t, server.assistant.mood) for t in turns]}
+        return {
+            "session_id": session_id,
+            "turns": [turn_json(t, server.assistant.mood, server.assistant.roles) for t in turns],
+        }
 
     @routes.delete("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth())
     async def delete_session(session_id: str):

@@ -47,11 +47,12 @@ function addTurn(message) {
   const turn = el("div", "turn");
   const user = el("div", "user", message);
   const sentiment = el("div", "sentiment", "…");
+  const roles = el("div", "roles", "");
   const reply = el("div", "reply pending");
-  turn.append(user, sentiment, reply);
+  turn.append(user, sentiment, roles, reply);
   log.append(turn);
   log.scrollTop = log.scrollHeight;
-  return { turn, sentiment, reply };
+  return { turn, sentiment, roles, reply };
 }
 
 async function errorMessage(res) {
@@ -115,6 +116,8 @@ async function send(message) {
       if (event === "sentiment") {
         setSentiment(view.sentiment, data);
         localStorage.setItem(SESSION_KEY, data.session_id);
+      } else if (event === "annotations") {
+        view.roles.textContent = data.display;
       } else if (event === "delta") {
         view.reply.textContent += data.text;
         log.scrollTop = log.scrollHeight;
@@ -148,6 +151,7 @@ async function restore() {
     for (const t of data.turns) {
       const view = addTurn(t.message);
       setSentiment(view.sentiment, t);
+      view.roles.textContent = t.annotations_display || "";
       view.reply.textContent = t.reply;
       view.reply.classList.remove("pending");
       view.turn.classList.add("done");
