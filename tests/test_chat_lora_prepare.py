@@ -51,3 +51,55 @@ def test_faulty_and_formulaic_replies_are_left_out_and_a_share_is_held_out(tmp_p
     assert sum(r["split"] == "heldout" for r in out) == round(40 * 0.05) + round(8 * 0.05)
     assert all(r["tag"] == r["sentiment"] for r in out if r["split"] == "heldout")
     assert all(r["tag"] in ("positive", "negative") for r in out)
+
+
+def test_a_conversation_becomes_one_pair_per_turn_with_its_history_in_one_split(tmp_path, monkeypatch):
+    turns = [
+        {
+            "message": "My dog ate a sock this morning.",
+            "sentiment": "negative",
+            "reply": "Oh no, poor pup! Is he okay?",
+        },
+        {
+            "message": "The vet says he'll be fine.",
+            "sentiment": "positive",
+            "reply": "What a relief, no more sock adventures for him I hope!",
+        },
+    ]
+    rows = [{"id": f"c{i}", "lang": "en", "turns": turns} for i in range(40)]
+    rows.append(pair(1, "en", "positive", "I got the job!", "Congratulations, that is wonderful news!"))
+    out = run_prepare(tmp_path, rows, monkeypatch)
+    by_id = {r["id"]: r for r in out}
+    assert by_id["c0-t1"]["history"] == [] and by_id["c0-t2"]["history"] == [turns[0]]
+    assert by_id["c0-t2"]["message"] == turns[1]["message"] and by_id["c0-t2"]["sentiment"] == "positive"
+    for i in range(40):
+        assert by_id[f"c{i}-t1"]["split"] == by_id[f"c{i}-t2"]["split"]  # a conversation is never split
+    assert {r["split"] for r in out if "conversation" in r} == {"train", "heldout"}
+    assert "history" not in by_id["p1"]
+
+
+def test_a_broken_conversation_row_is_named(tmp_path, monkeypatch):
+    import pytest
+
+    rows = [{"id": "c0", "lang": "en", "turns": [{"message": "hi", "sentiment": "positive"}]}]
+    with pytest.raises(SystemExit, match="line 1: a conversation needs"):
+        run_prepare(tmp_path, rows, monkeypatch)
+
+
+def test_capture_puts_a_later_turns_history_in_its_prompt():
+    spec = importlib.util.spec_from_file_location("capture", TOOL.with_name("capture.py"))
+    capture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capture)
+    from allinone.service import Assistant
+    from allinone.settings import Settings
+    from tests.fake_engine import FakeEngine
+
+    chat = Assistant(engine=FakeEngine(n_ctx=4096), settings=Settings()).chat
+    first = {"message": "我家猫吃了袜子", "sentiment": "negative", "reply": "天哪，它还好吗？"}
+    row = {"id": "c-t2", "message": "医生说没事了", "tag": "positive", "reply": "太好了，小家伙虚惊一场！"}
+    alone, start_alone, target = capture.example_tokens(chat, row)
+    later, start_later, same_target = capture.example_tokens(chat, {**row, "history": [first]})
+    assert same_target == target and later[start_later:] == alone[start_alone:]
+    prompt = chat.engine.detokenize(later[:start_later])
+    assert first["message"] in prompt and first["reply"] in prompt and row["message"] in prompt
+    assert prompt.index(first["reply"]) < prompt.index(row["message"])

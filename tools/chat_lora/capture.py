@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from allinone.conversation.history import Turn
 from allinone.engine import open_engine
 from allinone.model.store import resolve_model_path
 from allinone.roles.chat import ChatRole
@@ -27,10 +28,27 @@ from allinone.settings import Settings
 SHARD = 200
 
 
+def history(chat: ChatRole, row: dict) -> list[Turn]:
+    """A later turn's conversation so far, as the product keeps it (each earlier message under its
+    own mood, with the reply given to it)."""
+    return [
+        Turn(
+            message=t["message"],
+            sentiment=t["sentiment"],
+            user_content=chat.user_content(t["message"], t["sentiment"]),
+            reply=t["reply"],
+        )
+        for t in row.get("history", [])
+    ]
+
+
 def example_tokens(chat: ChatRole, row: dict) -> tuple[list[int], int, list[int]]:
-    """The prompt (the message under the row's tag) followed by the reply; where the reply starts;
-    the tokens the model must predict from there: the reply and the end of the turn."""
-    prompt, _, _ = chat.prompt_tokens([], row["message"], row["tag"], reply_max_tokens=1)
+    """The prompt (the conversation so far, then the message under the row's tag) followed by the
+    reply; where the reply starts; the tokens the model must predict from there: the reply and the
+    end of the turn."""
+    prompt, dropped, _ = chat.prompt_tokens(history(chat, row), row["message"], row["tag"], reply_max_tokens=1)
+    if dropped:
+        raise SystemExit(f"{row['id']}: its conversation does not fit in the chat lane's context")
     reply = chat.engine.tokenize(row["reply"])
     end_of_turn = chat.engine.tokenize("<|im_end|>", special=True)
     return prompt + reply, len(prompt), reply + end_of_turn

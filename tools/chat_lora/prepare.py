@@ -48,6 +48,27 @@ OWN_STORY = re.compile(
 )
 
 
+def conversation_pairs(row: dict) -> list[dict]:
+    """A conversation row (`turns`: message, sentiment, reply each) as one pair per turn, each
+    later one with the turns before it as its `history`, so the model learns to reply to a
+    message in the light of what was said before. `conversation` keeps them in one split."""
+    pairs = []
+    for i, turn in enumerate(row["turns"]):
+        pairs.append(
+            {
+                "id": f"{row['id']}-t{i + 1}",
+                "lang": row["lang"],
+                "sentiment": turn["sentiment"],
+                "message": turn["message"],
+                "reply": turn["reply"],
+                "history": [dict(t) for t in row["turns"][:i]],
+                "conversation": row["id"],
+                **{k: row[k] for k in ("source", "origin") if k in row},
+            }
+        )
+    return pairs
+
+
 def read_pairs(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
@@ -56,6 +77,19 @@ def read_pairs(paths: list[str]) -> list[dict]:
                 if not line.strip():
                     continue
                 row = json.loads(line)
+                if "turns" in row:
+                    bad = (
+                        not isinstance(row["turns"], list)
+                        or not row["turns"]
+                        or any(not all(t.get(k) for k in ("message", "sentiment", "reply")) for t in row["turns"])
+                    )
+                    if bad or row.get("lang") not in ("zh", "en"):
+                        sys.exit(
+                            f"{path} line {number}: a conversation needs id, lang zh|en, and turns of "
+                            "message, sentiment, reply"
+                        )
+                    rows.extend(conversation_pairs(row))
+                    continue
                 missing = [k for k in ("id", "lang", "sentiment", "message", "reply") if not row.get(k)]
                 if missing or row["lang"] not in ("zh", "en") or row["sentiment"] not in ("positive", "negative"):
                     sys.exit(f"{path} line {number}: needs id, lang zh|en, sentiment positive|negative, message, reply")
@@ -91,16 +125,30 @@ def main() -> None:
     rng = random.Random(SEED)
     groups = collections.defaultdict(list)
     for row in kept:
-        groups[row["lang"], row["sentiment"]].append(row)
+        if "conversation" not in row:
+            groups[row["lang"], row["sentiment"]].append(row)
+
+    def tag(row: dict, rng: random.Random) -> str:
+        flip = row["split"] == "train" and rng.random() < FLIPPED_TAG_SHARE
+        return {"positive": "negative", "negative": "positive"}[row["sentiment"]] if flip else row["sentiment"]
+
     for group in groups.values():
         rng.shuffle(group)
         heldout = round(len(group) * HELDOUT_SHARE)
         for i, row in enumerate(group):
             row["split"] = "heldout" if i < heldout else "train"
-            flip = row["split"] == "train" and rng.random() < FLIPPED_TAG_SHARE
-            row["tag"] = (
-                {"positive": "negative", "negative": "positive"}[row["sentiment"]] if flip else row["sentiment"]
-            )
+            row["tag"] = tag(row, rng)
+    # A conversation's turns share one split (a held-out later turn must not have its history
+    # trained on). Their own generator: the single-turn pairs keep the split and tags they had
+    # before conversations were added, so the shipped adapter's recipe still reproduces.
+    rng = random.Random(SEED + 1)
+    conversations = sorted({row["conversation"] for row in kept if "conversation" in row})
+    rng.shuffle(conversations)
+    held = set(conversations[: round(len(conversations) * HELDOUT_SHARE)])
+    for row in kept:
+        if "conversation" in row:
+            row["split"] = "heldout" if row["conversation"] in held else "train"
+            row["tag"] = tag(row, rng)
     out = sorted(kept, key=lambda r: r["id"])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
