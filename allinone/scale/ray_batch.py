@@ -53,6 +53,10 @@ class Labeller:
         return self.label(item)
 
 
+def labeller_class(make_labeller: Callable[[int], Callable[[dict], dict]], threads: int) -> type[Labeller]:
+    return type("Labeller", (Labeller,), {"make_labeller": staticmethod(make_labeller), "threads": threads})
+
+
 def label_on_ray(
     ray,
     todo: list[dict],
@@ -72,7 +76,7 @@ def label_on_ray(
     items = [{"index": i, "item": json.dumps(item, ensure_ascii=False)} for i, item in enumerate(todo)]
     # at least one block per actor (else an actor idles), at most 200 (Ray's per-block overhead)
     blocks = min(len(items), max(actors, min(len(items) // batch_rows, 200)))
-    actor = type("Labeller", (Labeller,), {"make_labeller": staticmethod(make_labeller), "threads": threads_per_actor})
+    actor = labeller_class(make_labeller, threads_per_actor)
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         actor,
         batch_size=batch_rows,
@@ -115,7 +119,7 @@ def label_shards_on_ray(
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().execution_options.preserve_order = True
-    actor = type("Labeller", (Labeller,), {"make_labeller": staticmethod(make_labeller), "threads": threads_per_actor})
+    actor = labeller_class(make_labeller, threads_per_actor)
     dataset = ray.data.read_text(
         [str(shard) for shard in todo],
         include_paths=True,

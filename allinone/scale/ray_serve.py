@@ -36,6 +36,7 @@ class Replica:
         from ..server.app import create_app, open_store
         from ..service import Assistant
 
+        # (prefixed: the ingress wrapper Serve puts around this class owns `app`)
         self._allinone_app = create_app(Assistant.load(settings), settings, store=open_store(settings))
         self._allinone_instance = instance_name().encode()
 
