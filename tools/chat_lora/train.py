@@ -172,7 +172,15 @@ def main() -> None:
             raise SystemExit(
                 f"{checkpoint} was made with other settings ({saved['settings']}); pass --restart to start over"
             )
-        model.load_state_dict(saved["lora"], strict=True)
+        # The checkpoint holds only the LoRA factors (the frozen weights come from the GGUF), so the
+        # load is partial; every factor the model has must be in it, and nothing else.
+        result = model.load_state_dict(saved["lora"], strict=False)
+        missing_lora = [k for k in result.missing_keys if k.endswith((".A", ".B"))]
+        if missing_lora or result.unexpected_keys:
+            raise SystemExit(
+                f"{checkpoint} does not match this model's LoRA factors (missing {missing_lora[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}); pass --restart to start over"
+            )
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
