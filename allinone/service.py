@@ -444,11 +444,15 @@ class Assistant:
             log.warning("chat roles skipped for one message: %s", err)
             return {}
 
-    def annotation_line(self, annotations: dict[str, Choice], lang: str = "zh") -> str:
-        """`😢 悲伤 · 倾诉`: each role's label as a person sees it, the first with its emoji."""
+    def annotation_line(self, labels: dict[str, str], lang: str = "zh") -> str:
+        """`😢 悲伤 · 倾诉`: each role's label (role name -> label name) as a person sees it, the
+        first with its emoji; a role or label no longer known (a stored turn) is left out."""
         parts = []
-        for name, choice in annotations.items():
-            label = self.roles.get(name).label(choice.label)
+        for name, label_name in labels.items():
+            role = self.roles.roles.get(name)
+            if role is None or label_name not in role.label_names:
+                continue
+            label = role.label(label_name)
             parts.append(f"{label.emoji} {label.shown(lang)}".strip() if not parts else label.shown(lang))
         return " · ".join(parts)
 

@@ -210,7 +210,7 @@ def test_respond_reads_the_chat_roles_after_the_first_token_and_keeps_them_in_th
     assert set(turn.annotations) == {"sentiment", "emotion"}
     assert turn.annotations["emotion"]["label"] == alone.label
     label = assistant.roles.get("emotion").label(alone.label)
-    assert assistant.annotation_line(response.annotations) == f"{label.emoji} {label.shown('zh')}"
+    assert assistant.annotation_line({"emotion": alone.label}) == f"{label.emoji} {label.shown('zh')}"
 
 
 def test_chat_roles_can_be_turned_off_and_a_wrong_name_is_a_clear_error(assistant):

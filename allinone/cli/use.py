@@ -126,7 +126,8 @@ def cmd_chat(args, settings: Settings) -> int:
             # sentiment's, before the reply (which a terminal cannot print around).
             held = list(itertools.islice(deltas, 2))
             if response.annotations:
-                print(assistant.annotation_line(response.annotations), flush=True)
+                labels = {name: choice.label for name, choice in response.annotations.items()}
+                print(assistant.annotation_line(labels), flush=True)
             for delta in itertools.chain(held, deltas):
                 print(delta, end="", flush=True)
         except KeyboardInterrupt:

@@ -64,7 +64,7 @@ def annotations_json(assistant, annotations: dict) -> dict:
     line the page shows under the message (`😢 悲伤 · 倾诉`)."""
     return {
         "roles": {name: choice_json(choice, assistant.roles.get(name)) for name, choice in annotations.items()},
-        "display": assistant.annotation_line(annotations),
+        "display": assistant.annotation_line({name: choice.label for name, choice in annotations.items()}),
     }
 
 

@@ -17,20 +17,7 @@ def check_session_id(session_id: str) -> None:
         raise ApiError(422, "session_id: 1 to 64 characters among A-Z a-z 0-9 _ -")
 
 
-def annotations_line(turn: dict, roles, mood) -> str:
-    """The page's line under a stored message: its other roles as each shows its label (a role
-    or label no longer known is skipped)."""
-    parts = []
-    for name, noted in turn["annotations"].items():
-        role = roles.roles.get(name)
-        if name == mood.name or role is None or noted.get("label") not in role.label_names:
-            continue
-        label = role.label(noted["label"])
-        parts.append(f"{label.emoji} {label.shown('zh')}".strip() if not parts else label.shown("zh"))
-    return " · ".join(parts)
-
-
-def turn_json(turn: dict, mood, roles=None) -> dict:
+def turn_json(turn: dict, mood, assistant=None) -> dict:
     """A stored turn with every role's annotation, its mood (the `mood` role's, a
     roles.definition.RoleDefinition) also shown as that role shows it; a label the role no longer
     has is shown as stored, without an emoji."""
@@ -46,7 +33,12 @@ def turn_json(turn: dict, mood, roles=None) -> dict:
         "display": mood.shown(label) if known else label,
         "reply": turn["reply"],
         "annotations": turn["annotations"],
-        "annotations_display": annotations_line(turn, roles, mood) if roles is not None else "",
+        # the page's line under the message: the other roles (the mood has its own line)
+        "annotations_display": assistant.annotation_line(
+            {name: noted.get("label") for name, noted in turn["annotations"].items() if name != mood.name}
+        )
+        if assistant is not None
+        else "",
     }
 
 
@@ -62,7 +54,7 @@ def router(server: Server) -> APIRouter:
             raise ApiError(404, f"no session {session_id!r} (never created, deleted or expired)", "not_found_error")
         return {
             "session_id": session_id,
-            "turns": [turn_json(t, server.assistant.mood, server.assistant.roles) for t in turns],
+            "turns": [turn_json(t, server.assistant.mood, server.assistant) for t in turns],
         }
 
     @routes.delete("/v1/sessions/{session_id}", tags=["api"], dependencies=server.auth())
