@@ -67,10 +67,15 @@ def sentiment_fields(result) -> dict:
 
 
 def roles_fields(results: dict) -> dict:
-    """What a line gets from several roles: each role's label and probability under `roles`."""
-    fields = {
-        "roles": {name: {"label": c.label, "probability": round(c.probability, 6)} for name, c in results.items()}
-    }
+    """What a line gets from several roles, under `roles`: a choice role's label and probability,
+    an extract role's phrases."""
+
+    def shown(answer) -> dict:
+        if hasattr(answer, "phrases"):
+            return {"phrases": answer.phrases}
+        return {"label": answer.label, "probability": round(answer.probability, 6)}
+
+    fields = {"roles": {name: shown(answer) for name, answer in results.items()}}
     if any(c.truncated for c in results.values()):
         fields["truncated"] = True
     return fields

@@ -31,6 +31,8 @@ def resolve_roles(spec: str, registry) -> list:
 
 
 def choice_line(choice, role) -> str:
+    if role.kind == "extract":
+        return f"🔑 {', '.join(choice.phrases[:5]) or '-'}"
     found = role.label(choice.label)
     prob = f" {choice.probability:.2f}" if choice.probability is not None else ""
     return f"{found.emoji} {found.shown('zh')}{prob}".strip()

@@ -397,6 +397,15 @@ class Engine(ABC):
         rows = np.asarray(self._evaluate(tokens, lane, layers=layers, rows_from=start), dtype=np.float32)
         return np.stack([rows[-1], rows[: end - start].mean(axis=0)])
 
+    def hidden_rows(self, tokens: Sequence[int], layers: int, start: int, *, lane: int = 0) -> np.ndarray:
+        """The residual stream after `layers` blocks at every position from `start` on ([n - start,
+        hidden]; its last row is hidden_state's answer). Those positions are evaluated on this pass
+        even if the lane held them. An extract role ranks spans of the text by these rows, and the
+        choice heads on the same pass read its last row: one pass for all of them."""
+        if not 0 <= start < len(tokens):
+            raise EngineError(f"start {start} is not a position of the {len(tokens)} tokens")
+        return np.asarray(self._evaluate(tokens, lane, layers=layers, rows_from=start), dtype=np.float32)
+
     def generate(
         self,
         tokens: Sequence[int],

@@ -255,6 +255,22 @@ class ChoiceRole:
             hidden = self.engine.hidden_state(tokens, self.head.layers, lane=self.lane)
         return hidden, truncated
 
+    def text_tokens(self, text: str) -> tuple[list[int], bool]:
+        """The text's tokens as this role's prompt holds them (cut in the middle when too long)."""
+        tokens, truncated = self.prompt_tokens(text)
+        start, end = self.text_span(tokens)
+        return tokens[start:end], truncated
+
+    def text_pass(self, text: str, layers: int) -> tuple[list[int], np.ndarray, bool]:
+        """The text's tokens and the residual stream after `layers` blocks from the text's first
+        token to the prompt's end (rows [text tokens..., prompt tail...]), on the weights the head
+        runs: the last row is what a head reads, the text's rows what an extract role ranks."""
+        self._weights_for(True)
+        tokens, truncated = self.prompt_tokens(text)
+        start, end = self.text_span(tokens)
+        rows = self.engine.hidden_rows(tokens, layers, start, lane=self.lane)
+        return tokens[start:end], rows, truncated
+
     def analyze(self, text: str, *, use_head: bool = True) -> Choice:
         validate_text(text, self.max_text_chars)
         start = time.perf_counter()
