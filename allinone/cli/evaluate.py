@@ -105,10 +105,18 @@ def _eval_extract(args, settings: Settings, role) -> int:
         rows = load_phrased(args.data)
     except DataError as err:
         raise CliError(str(err)) from None
+    if args.cut:
+        # Texts of one length, for the latency a user sees at that length: the longer texts cut,
+        # the gold that still occurs in the cut kept (the scorer decides that from `keywords`).
+        rows = [
+            {**row, "text": row["text"][: args.cut], "present_keywords": None}
+            for row in rows
+            if len(row["text"]) >= args.cut
+        ]
     if args.limit:
         rows = rows[: args.limit]
     if not rows:
-        raise CliError(f"{args.data} has no texts")
+        raise CliError(f"{args.data} has no texts" + (f" of {args.cut} characters or more" if args.cut else ""))
     assistant = load_assistant(settings)
     extractor = assistant.extract_role(role)
     started = time.perf_counter()
@@ -127,8 +135,12 @@ def _eval_extract(args, settings: Settings, role) -> int:
         if out:
             out.close()
     report = summarize(rows, answers)
+    for lang, group in report["by_lang"].items():
+        ms = [latency for row, latency in zip(rows, latencies, strict=True) if row["lang"] == lang]
+        group["latency_ms"] = {"p50": round(percentile(ms, 50), 1), "p95": round(percentile(ms, 95), 1)}
     report.update(
         {
+            "cut": args.cut or None,
             "role": role.name,
             "method": "head" if extractor.head is not None else "counts",
             "head": str(extractor.head.info.get("source") or "packaged") if extractor.head else None,
@@ -163,7 +175,10 @@ def _finish_report(report: dict, assistant, started: float, as_json: bool) -> No
             f"({report['method']})"
         )
         for lang, g in report["by_lang"].items():
-            print(f"  {lang:<4} n={g['n']:<4} F1@5={g['f1@5']:.3f} F1@10={g['f1@10']:.3f} P@5={g['p@5']:.3f}")
+            print(
+                f"  {lang:<4} n={g['n']:<4} F1@5={g['f1@5']:.3f} F1@10={g['f1@10']:.3f} P@5={g['p@5']:.3f}  "
+                f"p50 {g['latency_ms']['p50']:.0f} ms"
+            )
     else:
         print(
             f"n = {report['n']}   accuracy = {report['accuracy']:.3f}   macro F1 = {report['macro_f1']:.3f}   "
@@ -479,6 +494,14 @@ def register(command) -> None:
         "head on the chat lane's pass over the text as a first message",
     )
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument(
+        "--cut",
+        type=int,
+        default=0,
+        metavar="CHARS",
+        help="extract roles: only the texts at least this long, each cut to this many characters "
+        "(latency at one text length; the gold is what still occurs in the cut)",
+    )
     p.add_argument("--plot", metavar="PNG", help="also draw a reliability diagram (probability vs accuracy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command(
