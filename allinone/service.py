@@ -330,15 +330,20 @@ class Assistant:
             if role.kind == "choice"
         }
         extractors = [self.extract_role(role) for role in definitions if role.kind == "extract"]
-        rows_needed = any(e.head is not None for e in extractors)
+        phrase_depths = tuple(sorted({e.head.layers for e in extractors if e.head is not None}))
         pooled = any(head is not None and head.pooled for head in chosen.values())
-        shared = None  # (hidden state, truncated, ms, text tokens, rows) of the analysis pass, once computed
+        heads_wanted = any(head is not None for head in chosen.values())
+        shared = None  # (hidden state, truncated, ms, text tokens, {depth: rows}) of the analysis pass
 
         def analysis_pass() -> tuple:
+            """One pass for every head asked: as deep as the choice heads read (or, for phrase
+            heads alone, as deep as they read), with the text's rows at each depth needed."""
             start = time.perf_counter()
-            if rows_needed:
-                tokens, rows, truncated = self.analyst.text_pass(text, self.head.layers)
-                hidden = np.stack([rows[-1], rows[: len(tokens)].mean(axis=0)]) if pooled else rows[-1]
+            if phrase_depths:
+                layers = self.head.layers if heads_wanted else max(phrase_depths)
+                depths = phrase_depths + ((layers,) if pooled else ())
+                tokens, rows, last, truncated = self.analyst.text_pass(text, layers, depths)
+                hidden = np.stack([last, rows[layers][: len(tokens)].mean(axis=0)]) if pooled else last
                 return hidden, truncated, (time.perf_counter() - start) * 1000, tokens, rows
             hidden, truncated = self.analyst.hidden_state(text, pooled=pooled)
             return hidden, truncated, (time.perf_counter() - start) * 1000, None, None
@@ -352,7 +357,8 @@ class Assistant:
                     continue
                 if shared is None:
                     shared = analysis_pass()
-                answer = extractor.from_pass(text, shared[3], shared[4], shared[1], time.perf_counter())
+                rows = shared[4][extractor.head.layers]
+                answer = extractor.from_pass(text, shared[3], rows, shared[1], time.perf_counter())
                 answer.latency_ms += shared[2]
                 results[role.name] = answer
                 continue

@@ -123,7 +123,19 @@ def train(assistant, examples=None):
     )
 
 
-def test_a_phrase_head_trains_saves_and_is_then_used_on_the_shared_pass(assistant, tmp_path):
+@pytest.mark.parametrize("depth", ["below", "at"])
+def test_a_phrase_head_trains_saves_and_is_then_used_on_the_shared_pass(assistant, tmp_path, depth):
+    """Read below the choice heads (the default) or at their depth: one pass serves them all."""
+    layers = assistant.head.layers - 1 if depth == "below" else assistant.head.layers
+    emotion = assistant.roles.get("emotion")
+    ChoiceHead(
+        "f00d",
+        assistant.analysis_point().key,
+        assistant.head.layers,
+        np.random.default_rng(5).normal(size=(len(emotion.labels), 2 * HIDDEN)),
+        np.zeros(len(emotion.labels)),
+        pooling="last+mean",
+    ).for_labels(emotion.label_names, emotion.name).save(tmp_path / "heads")
     calls = []
     head, report = train_phrase_head(
         training_examples(),
@@ -132,7 +144,7 @@ def test_a_phrase_head_trains_saves_and_is_then_used_on_the_shared_pass(assistan
         role=assistant.roles.get("keywords"),
         model_sha256="f00d",
         point=assistant.analysis_point().key,
-        layers=assistant.head.layers,
+        layers=layers,
         progress=calls.append,
     )
     assert len(calls) == 30 and report["texts"] == 30 and report["heldout"] == 6
@@ -143,20 +155,24 @@ def test_a_phrase_head_trains_saves_and_is_then_used_on_the_shared_pass(assistan
     extractor = assistant.extract_role(assistant.roles.get("keywords"))
     assert extractor.head is not None and extractor.head.point == assistant.analysis_point().key
 
+    assert extractor.head.layers == layers
+
     text = "river STONE cloud market. STONE again"
     alone_sentiment = assistant.analyze(text)
+    alone_emotion = assistant.analyze_roles(text, ["emotion"])["emotion"]
     alone_keywords = assistant.analyze_roles(text, ["keywords"])["keywords"]
     assistant.analyst.warm_prefix()
     before = assistant.engine.decoded_tokens
-    both = assistant.analyze_roles(text, ["sentiment", "keywords"])
+    together = assistant.analyze_roles(text, ["sentiment", "emotion", "keywords"])
     one_pass = assistant.engine.decoded_tokens - before
     assistant.analyst.warm_prefix()
     before = assistant.engine.decoded_tokens
     assistant.analyze(text)
-    assert one_pass == assistant.engine.decoded_tokens - before  # the phrases cost no tokens of their own
-    assert both["sentiment"].probabilities == pytest.approx(alone_sentiment.probabilities, abs=1e-4)
-    assert both["keywords"].phrases == alone_keywords.phrases
-    assert both["keywords"].scores == pytest.approx(alone_keywords.scores, abs=1e-4)
+    assert one_pass == assistant.engine.decoded_tokens - before  # emotion and phrases cost no tokens of their own
+    assert together["sentiment"].probabilities == pytest.approx(alone_sentiment.probabilities, abs=1e-4)
+    assert together["emotion"].probabilities == pytest.approx(alone_emotion.probabilities, abs=1e-4)
+    assert together["keywords"].phrases == alone_keywords.phrases
+    assert together["keywords"].scores == pytest.approx(alone_keywords.scores, abs=1e-4)
 
 
 def test_too_few_texts_or_phrases_matching_no_span_are_refused(assistant):
@@ -171,8 +187,8 @@ def test_a_phrase_head_for_other_features_or_another_depth_is_refused(assistant,
     head, _ = train(assistant)
     path = head.save(tmp_path / "heads")
     payload = json.loads(path.read_text())
-    with pytest.raises(HeadError, match="reads after block"):
-        PhraseHead.load(path).check_fits(HIDDEN, assistant.head.layers + 1)
+    with pytest.raises(HeadError, match="deeper than the analysis pass"):
+        PhraseHead.load(path).check_fits(HIDDEN, assistant.head.layers - 1)
     with pytest.raises(HeadError, match="weights"):
         PhraseHead.load(path).check_fits(HIDDEN * 2, assistant.head.layers)
     path.write_text(json.dumps({**payload, "features": "something-else"}))

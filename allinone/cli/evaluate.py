@@ -357,7 +357,7 @@ def _train_phrase_head(args, settings: Settings, role) -> int:
     """train-head DATA --role keywords: a phrase head on the analysis pass, from texts with their
     key phrases (or the role file's examples)."""
     from ..evaluation.data import DataError, load_phrased
-    from ..roles.extract import PhraseExample, train_phrase_head
+    from ..roles.extract import PhraseExample, default_phrase_layers, train_phrase_head
     from ..roles.head import HeadError
 
     try:
@@ -376,8 +376,9 @@ def _train_phrase_head(args, settings: Settings, role) -> int:
         raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
     if assistant.head is None:
         raise CliError("a phrase head reads the analysis pass, which needs the sentiment head")
-    if args.layers not in (None, assistant.head.layers):
-        raise CliError(f"heads on the analysis pass read where it stops, after block {assistant.head.layers}")
+    layers = default_phrase_layers(assistant.engine.n_layers) if args.layers is None else args.layers
+    if not 0 < layers <= assistant.head.layers:
+        raise CliError(f"a phrase head reads the analysis pass, after block 1 to {assistant.head.layers}")
     point = assistant.analysis_point().key
     with progress_bar(
         total=len(examples), desc=f"train-head {role.name}@{point} (hidden states)", disable=args.quiet
@@ -390,7 +391,7 @@ def _train_phrase_head(args, settings: Settings, role) -> int:
                 role=role,
                 model_sha256=sha,
                 point=point,
-                layers=assistant.head.layers,
+                layers=layers,
                 holdout=args.holdout,
                 progress=bar.update,
                 source=", ".join(Path(path).name for path in args.data) if args.data else f"{role.name} examples",

@@ -30,6 +30,16 @@ from .head import PACKAGED_HEADS, HeadError, normalise, train_parameters
 from .language import detect_language
 
 PHRASE_HEAD_FORMAT = 1
+# Where a phrase head reads by default, for a model of 24 blocks (scaled for others): lower than the
+# choice heads, because which span is a key phrase is already plain there (docs/roles.md has the
+# comparison) and a keywords request on its own then stops the pass early.
+PHRASE_DEPTH_SHARE = 9 / 24
+
+
+def default_phrase_layers(n_layers: int) -> int:
+    return max(1, round(n_layers * PHRASE_DEPTH_SHARE))
+
+
 # What a phrase head's columns mean; a head made for other features is refused.
 FEATURES = "mean+last+counts-1"
 MAX_SPAN_TOKENS = {"zh": 8, "en": 6}
@@ -230,14 +240,15 @@ class PhraseHead:
                 return cls.load(directory / name)
         return None
 
-    def check_fits(self, n_embd: int, layers: int) -> None:
+    def check_fits(self, n_embd: int, pass_layers: int) -> None:
+        """It must read a model of this width, no deeper than the analysis pass goes."""
         width = 2 * n_embd + len(_COUNT_WEIGHTS)
         if self.weights.shape[0] != width:
             raise HeadError(f"the phrase head has {self.weights.shape[0]} weights; this model needs {width}")
-        if self.layers != layers:
+        if not 0 < self.layers <= pass_layers:
             raise HeadError(
-                f"the phrase head reads after block {self.layers}, the analysis pass stops after block {layers}: "
-                "train it again"
+                f"the phrase head reads after block {self.layers}, deeper than the analysis pass goes "
+                f"(block {pass_layers}): train it again"
             )
 
     def scores(self, features: np.ndarray) -> np.ndarray:
@@ -266,13 +277,13 @@ class ExtractRole:
     """An extract role on the analysis pass. `text_tokens(text)`: the text's tokens as the pass
     holds them and whether the text was cut; `text_pass(text, layers)`: those and the residual
     stream after `layers` blocks from the text's first token on (ChoiceRole.text_pass of the
-    analyst, so one pass serves this role and the choice heads); `token_bytes`: a token's bytes."""
+    analyst, whose pass also serves the choice heads); `token_bytes`: a token's bytes."""
 
     def __init__(
         self,
         role: RoleDefinition,
         text_tokens: Callable[[str], tuple[list[int], bool]],
-        text_pass: Callable[[str, int], tuple[list[int], np.ndarray, bool]],
+        text_pass: Callable[..., tuple[list[int], dict[int, np.ndarray], np.ndarray, bool]],
         token_bytes: Callable[[int], bytes],
         head: PhraseHead | None = None,
     ):
@@ -294,7 +305,8 @@ class ExtractRole:
             tokens, truncated = self.text_tokens(text)
             rows = None
         else:
-            tokens, rows, truncated = self.text_pass(text, self.head.layers)
+            tokens, found, _, truncated = self.text_pass(text, self.head.layers)
+            rows = found[self.head.layers]
         return self.from_pass(text, tokens, rows, truncated, start, limit=limit)
 
     def from_pass(
@@ -307,8 +319,9 @@ class ExtractRole:
         *,
         limit: int | None = None,
     ) -> Phrases:
-        """The answer from a pass already made (`rows`: text_pass's, None without a head);
-        `started`: perf_counter() when the request began."""
+        """The answer from a pass already made (`rows`: the residual stream at the head's depth from
+        the text's first token on, None without a head); `started`: perf_counter() when the
+        request began."""
         lang = detect_language(text)
         lang = "zh" if lang == "zh" else "en"
         spans = candidate_spans([self.token_bytes(t) for t in tokens], lang)
@@ -342,7 +355,7 @@ def span_labels(spans: Sequence[Span], phrases: Sequence[str], lang: str) -> np.
 
 def train_phrase_head(
     examples: Sequence[PhraseExample],
-    text_pass: Callable[[str, int], tuple[list[int], np.ndarray, bool]],
+    text_pass: Callable[..., tuple[list[int], dict[int, np.ndarray], np.ndarray, bool]],
     token_bytes: Callable[[int], bytes],
     *,
     role: RoleDefinition,
@@ -365,8 +378,8 @@ def train_phrase_head(
     per_text = []  # (features, labels, spans, lang) per text
     for example in examples:
         lang = "zh" if detect_language(example.text) == "zh" else "en"
-        tokens, rows, _ = text_pass(example.text, layers)
-        rows = rows[: len(tokens)]
+        tokens, found, _, _ = text_pass(example.text, layers)
+        rows = found[layers][: len(tokens)]
         spans = candidate_spans([token_bytes(t) for t in tokens], lang)
         counts = count_features(example.text, spans, lang)
         features = span_features(rows, spans, counts) if spans else np.zeros((0, rows.shape[1] * 2 + counts.shape[1]))
