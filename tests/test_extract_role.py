@@ -14,8 +14,10 @@ from allinone.roles.extract import (
     ExtractRole,
     PhraseExample,
     PhraseHead,
+    Span,
     candidate_spans,
     phrase_key,
+    rank,
     train_phrase_head,
 )
 from allinone.roles.head import ChoiceHead, HeadError
@@ -216,3 +218,13 @@ def test_phrase_data_errors_name_the_file_and_line(tmp_path):
     path.write_text(json.dumps({"text": "没有编号的文本", "keywords": ["文本"]}) + "\n")
     (row,) = load_phrased(path)
     assert row["id"] == "k.jsonl:1" and row["lang"] == "zh" and row["present_keywords"] is None
+
+
+def test_a_phrase_inside_one_already_chosen_is_left_out():
+    text = "脑梗死患者的脑梗死治疗"
+    spans = [Span(0, 1, "脑梗死"), Span(0, 1, "脑梗"), Span(0, 1, "患者"), Span(0, 1, "治疗")]
+    phrases, scores = rank(text, spans, np.array([4.0, 3.0, 2.0, 1.0]), "zh", 10)
+    assert phrases == ["脑梗死", "患者", "治疗"] and scores == [4.0, 2.0, 1.0]
+    # the longer one after the shorter is still a phrase of its own
+    phrases, _ = rank(text, spans, np.array([3.0, 4.0, 2.0, 1.0]), "zh", 10)
+    assert phrases == ["脑梗", "脑梗死", "患者", "治疗"]
