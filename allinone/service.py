@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+import numpy as np
+
 from .conversation.history import Conversation, Turn
 from .engine import open_engine
 from .engine.base import Engine, EngineError, Sampling
@@ -21,6 +23,7 @@ from .roles.adapter import ChatAdapter, file_sha256
 from .roles.chat import ChatRole
 from .roles.choice import Choice, ChoiceRole
 from .roles.definition import ChatPromptSpec, RoleDefinition, RoleError, RoleRegistry
+from .roles.extract import ExtractRole, PhraseHead, Phrases
 from .roles.head import ChoiceHead, HeadError, ReadingPoint
 from .roles.inputs import InputError, validate_text
 from .settings import Settings
@@ -169,6 +172,7 @@ class Assistant:
         # prompt scores it), and the prompt-scoring roles made so far.
         self._role_heads: dict[str, ChoiceHead | None] = {}
         self._zero_shot: dict[str, ChoiceRole] = {}
+        self._extractors: dict[str, ExtractRole] = {}
 
     @classmethod
     def load(cls, settings: Settings | None = None, *, chat_lane_reads_hidden_states: bool = False) -> Assistant:
@@ -213,6 +217,7 @@ class Assistant:
         self.head, self.chat_head = head, chat_head
         self.analyst.use_head(head)
         self._role_heads.clear()  # they read the analysis pass, which the head's adapter shapes
+        self._extractors.clear()
 
     def use_chat_adapter(self, adapter: ChatAdapter | None) -> None:
         """Run the chat lane with this adapter (None: the model's own weights), and read the
@@ -277,36 +282,93 @@ class Assistant:
                 self._zero_shot[role.name] = made
         return made
 
+    def extract_role(self, role: RoleDefinition) -> ExtractRole:
+        """The extract role on the analysis pass, with its phrase head for this model if there is
+        one (without: ranked by counts alone, no pass)."""
+        made = self._extractors.get(role.name)
+        if made is None or made.role is not role:
+            made = ExtractRole(
+                role,
+                self.analyst.text_tokens,
+                self.analyst.text_pass,
+                self.engine.token_bytes,
+                head=self._find_phrase_head(role),
+            )
+            self._extractors[role.name] = made
+        return made
+
+    def _find_phrase_head(self, role: RoleDefinition) -> PhraseHead | None:
+        sha = self.model_sha256()
+        if not (self.settings.sentiment_head and sha and self.head is not None) or role.source == "request":
+            return None
+        head = PhraseHead.find(sha, self.analysis_point().key, self.head_directory(), role.name)
+        if head is not None:
+            head.check_fits(self.engine.hidden_size, self.head.layers)
+        return head
+
     def analyze_roles(
         self,
         text: str,
         roles: Sequence[str | RoleDefinition],
         *,
         heads: dict[str, ChoiceHead] | None = None,
-    ) -> dict[str, Choice]:
-        """Every role's answer for one text. The roles with a head share one pass: the analysis
-        pass is evaluated once and each head reads the same residual stream; the others are
-        scored by their own prompts, one after another. `heads`: role name -> a head to use instead
-        of the one found for the role (label-set evaluation)."""
+    ) -> dict[str, Choice | Phrases]:
+        """Every role's answer for one text. The choice roles with a head and the extract roles
+        share one pass: the analysis pass is evaluated once, each choice head reads its last
+        position, each extract role ranks spans of the text by its rows. Choice roles without a
+        head are scored by their own prompts, one after another. `heads`: role name -> a head to
+        use instead of the one found for the role (label-set evaluation)."""
         validate_text(text, self.settings.max_text_chars)
         definitions = [self.roles.get(r) if isinstance(r, str) else r for r in roles]
         for role in definitions:
-            if role.kind != "choice":
-                raise InputError(f"role {role.name!r} is a {role.kind} role: analyze takes choice roles")
-        results: dict[str, Choice] = {}
-        chosen = {role.name: (heads or {}).get(role.name) or self.role_head(role) for role in definitions}
+            if role.kind not in ("choice", "extract"):
+                raise InputError(f"role {role.name!r} is a {role.kind} role: analyze takes choice and extract roles")
+        results: dict[str, Choice | Phrases] = {}
+        chosen = {
+            role.name: (heads or {}).get(role.name) or self.role_head(role)
+            for role in definitions
+            if role.kind == "choice"
+        }
+        extractors = [self.extract_role(role) for role in definitions if role.kind == "extract"]
+        phrase_depths = tuple(sorted({e.head.layers for e in extractors if e.head is not None}))
         pooled = any(head is not None and head.pooled for head in chosen.values())
-        shared = None  # (hidden state, truncated, ms) of the analysis pass, once computed
+        heads_wanted = any(head is not None for head in chosen.values())
+        shared = None  # (hidden state, truncated, ms, text tokens, {depth: rows}) of the analysis pass
+
+        def analysis_pass() -> tuple:
+            """One pass for every head asked: as deep as the choice heads read (or, for phrase
+            heads alone, as deep as they read), with the text's rows at each depth needed."""
+            start = time.perf_counter()
+            if phrase_depths:
+                layers = self.head.layers if heads_wanted else max(phrase_depths)
+                depths = phrase_depths + ((layers,) if pooled else ())
+                tokens, rows, last, truncated = self.analyst.text_pass(text, layers, depths)
+                hidden = np.stack([last, rows[layers][: len(tokens)].mean(axis=0)]) if pooled else last
+                return hidden, truncated, (time.perf_counter() - start) * 1000, tokens, rows
+            hidden, truncated = self.analyst.hidden_state(text, pooled=pooled)
+            return hidden, truncated, (time.perf_counter() - start) * 1000, None, None
+
         for role in definitions:
             start = time.perf_counter()
+            if role.kind == "extract":
+                extractor = self.extract_role(role)
+                if extractor.head is None:
+                    results[role.name] = extractor.extract(text)
+                    continue
+                if shared is None:
+                    shared = analysis_pass()
+                rows = shared[4][extractor.head.layers]
+                answer = extractor.from_pass(text, shared[3], rows, shared[1], time.perf_counter())
+                answer.latency_ms += shared[2]
+                results[role.name] = answer
+                continue
             head = chosen[role.name]
             if head is None:
                 is_mood = role is self.mood
                 results[role.name] = (self.analyst if is_mood else self.zero_shot(role)).analyze(text)
                 continue
             if shared is None:
-                hidden, truncated = self.analyst.hidden_state(text, pooled=pooled)
-                shared = (hidden, truncated, (time.perf_counter() - start) * 1000)
+                shared = analysis_pass()
                 start = time.perf_counter()
             probs = head.probabilities(shared[0])
             ms = shared[2] + (time.perf_counter() - start) * 1000

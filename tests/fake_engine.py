@@ -109,12 +109,23 @@ class FakeEngine(Engine):
         return self._logits(self._run(lane, tokens, start, LAYERS))
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
-    ) -> np.ndarray:
+        self,
+        lane: int,
+        tokens: Sequence[int],
+        start: int,
+        layers: int,
+        stop: bool = True,
+        rows: tuple[int, ...] | None = None,
+    ) -> np.ndarray | tuple[dict[int, np.ndarray], np.ndarray]:
         history = self._run(lane, tokens, start, layers if stop else LAYERS)
-        if rows:
-            return np.stack([self.model_hidden_state(history[: start + i + 1], layers) for i in range(len(tokens))])
-        return self.model_hidden_state(history, layers)
+        last = self.model_hidden_state(history, layers)
+        if rows is not None:
+            found = {
+                depth: np.stack([self.model_hidden_state(history[: start + i + 1], depth) for i in range(len(tokens))])
+                for depth in rows
+            }
+            return found, last
+        return last
 
     def model_hidden_state(self, history: Sequence[int], layers: int = LAYERS) -> np.ndarray:
         """What the fake model's residual stream holds after `layers` blocks at the last position."""

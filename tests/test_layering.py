@@ -65,3 +65,17 @@ def test_the_table_has_no_cycle():
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in MAY_USE.get(start, ()))
 
     assert not [layer for layer in MAY_USE if reaches(layer, layer, set())]
+
+
+def test_answering_does_not_import_the_training_libraries():
+    """scipy.optimize alone adds ~50 MB of resident memory; only fitting a head needs it, so the
+    modules that answer (service, server, the CLI's dispatcher) must not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, allinone.service, allinone.server.app, allinone.cli.main\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'torch', 'transformers', 'ray'}))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"

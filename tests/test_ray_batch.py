@@ -67,9 +67,7 @@ def test_an_interrupted_run_resumes_without_duplicates(ray, tmp_path):
     out = tmp_path / "out.jsonl"
     first = list(label_on_ray(ray, todo[:10], slow_labeller, actors=2, threads_per_actor=1))
     out.write_text("".join(json.dumps(r) + "\n" for r in first) + '{"id": "r10", "te', encoding="utf-8")  # torn
-    summary = run_batch(
-        None, todo, out, label_all=lambda rest: label_on_ray(ray, rest, slow_labeller, actors=2, threads_per_actor=1)
-    )
+    summary = run_batch(todo, out, lambda rest: label_on_ray(ray, rest, slow_labeller, actors=2, threads_per_actor=1))
     assert summary == {"total": 40, "skipped": 10, "written": 30}
     assert [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()] == [t["id"] for t in todo]
 

@@ -201,7 +201,12 @@ BAD_ROLES = {
     "not an object": ([1, 2], "", "a role is a JSON object, not a list"),
     "missing name": (choice(name=None), "name", "required"),
     "bad name": (choice(name="Mood!"), "name", "is not a name"),
-    "unknown kind": (choice(kind="extract"), "kind", "unknown kind 'extract'; known kinds: choice, chat"),
+    "unknown kind": (choice(kind="summary"), "kind", "unknown kind 'summary'; known kinds: choice, extract, chat"),
+    "a choice field in an extract role": (
+        choice(kind="extract"),
+        "labels",
+        "a field of a choice role, not of an extract role",
+    ),
     "unknown field": (dict(choice(), lables=[]), "lables", "unknown field (did you mean 'labels'?)"),
     "chat field in a choice role": (dict(choice(), mood_from="x"), "mood_from", "a field of a chat role"),
     "long description": (choice(description="x" * 301), "description", "at most 300"),
@@ -398,3 +403,42 @@ def test_fingerprint_follows_what_the_model_sees():
     described["labels"][1] = dict(described["labels"][1], description="feeling low")
     assert parse_role(described, "a").fingerprint() != base
     assert parse_role(choice(examples=[]), "a").fingerprint() != base
+
+
+def extract(**changes) -> dict:
+    role = {
+        "name": "tags",
+        "kind": "extract",
+        "description": "Key phrases.",
+        "instruction": "List the key phrases.",
+        "examples": [{"text": "The bike lane on Maple Street opened.", "phrases": ["bike lane", "Maple Street"]}],
+    }
+    return {k: v for k, v in {**role, **changes}.items() if v is not None}
+
+
+def test_an_extract_role_is_read_with_its_examples_and_phrase_limit(tmp_path):
+    role = load_role_file(write(tmp_path / "tags.json", extract(max_phrases=5)))
+    assert role.kind == "extract" and role.max_phrases == 5 and role.labels == ()
+    assert role.examples[0].phrases == ("bike lane", "Maple Street")
+    assert load_role_file(write(tmp_path / "t2.json", extract())).max_phrases == 10  # the default
+
+
+@pytest.mark.parametrize(
+    "changes,field,message",
+    [
+        (
+            {"examples": [{"text": "The bike lane opened.", "phrases": ["bus lane"]}]},
+            "examples[0].phrases[0]",
+            "'bus lane' does not occur in the example's text",
+        ),
+        ({"examples": [{"text": "The bike lane opened.", "phrases": []}]}, "examples[0].phrases", "at least one"),
+        ({"max_phrases": 0}, "max_phrases", "from 1 to 50"),
+        ({"max_phrases": True}, "max_phrases", "from 1 to 50"),
+        ({"instruction": None}, "instruction", "required"),
+        ({"labels": ["a", "b"]}, "labels", "a field of a choice role, not of an extract role"),
+    ],
+)
+def test_a_bad_extract_role_is_named_with_its_field(tmp_path, changes, field, message):
+    with pytest.raises(RoleError) as caught:
+        load_role_file(write(tmp_path / "tags.json", extract(**changes)))
+    assert f"tags.json: {field}: " in str(caught.value) and message in str(caught.value)

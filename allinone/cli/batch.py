@@ -67,10 +67,15 @@ def sentiment_fields(result) -> dict:
 
 
 def roles_fields(results: dict) -> dict:
-    """What a line gets from several roles: each role's label and probability under `roles`."""
-    fields = {
-        "roles": {name: {"label": c.label, "probability": round(c.probability, 6)} for name, c in results.items()}
-    }
+    """What a line gets from several roles, under `roles`: a choice role's label and probability,
+    an extract role's phrases."""
+
+    def shown(answer) -> dict:
+        if hasattr(answer, "phrases"):
+            return {"phrases": answer.phrases}
+        return {"label": answer.label, "probability": round(answer.probability, 6)}
+
+    fields = {"roles": {name: shown(answer) for name, answer in results.items()}}
     if any(c.truncated for c in results.values()):
         fields["truncated"] = True
     return fields
@@ -93,22 +98,20 @@ def labelled_row(item: dict, analyze: Callable[[str], object], fields: Callable[
 
 
 def run_batch(
-    analyze: Callable[[str], object] | None,
     items: list[dict],
     out_path: Path,
+    label_all: Callable[[list[dict]], Iterator[dict]],
     *,
-    fields: Callable[[object], dict] = sentiment_fields,
     progress_factory=None,
-    label_all: Callable[[list[dict]], Iterator[dict]] | None = None,
 ) -> dict:
-    """Label the items not yet in out_path, writing each line as soon as it and every line before
-    it are known. `label_all(todo)` yields the answered lines in input order (Ray Data's actors);
-    by default they are labelled here, one by one, with `analyze`."""
+    """Answer the items not yet in out_path, writing each line as soon as it and every line before
+    it are known. `label_all(todo)` yields the answered lines in input order: here, one by one, by
+    an AssistantLabeller's function; on Ray, from its actors."""
     skip = completed_lines(out_path, items)
     todo = items[skip:]
     bar = progress_factory(total=len(items), initial=skip) if progress_factory else None
     written = 0
-    rows = label_all(todo) if label_all else (labelled_row(item, analyze, fields) for item in todo)
+    rows = label_all(todo)
     with open(out_path, "a", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -24,10 +24,15 @@ def cmd_eval(args, settings: Settings) -> int:
     try:
         registry = discover_roles(settings)
         role = registry.get(args.role) if args.role else mood_role(registry)
+        if role.kind == "extract":
+            return _eval_extract(args, settings, role)
         if role.kind != "choice":
             raise CliError(
-                f"role {role.name!r} is a {role.kind} role: eval takes choice roles (eval-chat judges replies)"
+                f"role {role.name!r} is a {role.kind} role: eval takes choice and extract roles "
+                "(eval-chat judges replies)"
             )
+        if args.out:
+            raise CliError("--out writes an extract role's phrases; a choice role's labels go through `batch`")
         items = load_labelled(args.data, labels=role.label_names)
     except (DataError, RoleError) as err:
         raise CliError(str(err)) from None
@@ -87,6 +92,65 @@ def cmd_eval(args, settings: Settings) -> int:
     return 0
 
 
+def _eval_extract(args, settings: Settings, role) -> int:
+    """eval DATA --role keywords: F1@5 / F1@10 on the present key phrases, per language, as
+    keywords-README.md defines them; --out writes each text's phrases."""
+    from ..evaluation.data import DataError, load_phrased
+    from ..evaluation.keywords import summarize
+    from ..evaluation.metrics import percentile
+
+    if args.method != "score" or args.plot:
+        raise CliError(f"role {role.name!r} returns phrases: no --method or --plot for it")
+    try:
+        rows = load_phrased(args.data)
+    except DataError as err:
+        raise CliError(str(err)) from None
+    if args.cut:
+        # Texts of one length, for the latency a user sees at that length: the longer texts cut,
+        # the gold that still occurs in the cut kept (the scorer decides that from `keywords`).
+        rows = [
+            {**row, "text": row["text"][: args.cut], "present_keywords": None}
+            for row in rows
+            if len(row["text"]) >= args.cut
+        ]
+    if args.limit:
+        rows = rows[: args.limit]
+    if not rows:
+        raise CliError(f"{args.data} has no texts" + (f" of {args.cut} characters or more" if args.cut else ""))
+    assistant = load_assistant(settings)
+    extractor = assistant.extract_role(role)
+    started = time.perf_counter()
+    answers, latencies = {}, []
+    out = open(args.out, "w", encoding="utf-8") if args.out else None
+    try:
+        with progress_bar(total=len(rows), desc=f"eval {role.name}", disable=args.quiet) as bar:
+            for row in rows:
+                result = assistant.analyze_roles(row["text"], [role])[role.name]
+                answers[row["id"]] = result.phrases
+                latencies.append(result.latency_ms)
+                if out:
+                    out.write(json.dumps({"id": row["id"], "keywords": result.phrases}, ensure_ascii=False) + "\n")
+                bar.update(1)
+    finally:
+        if out:
+            out.close()
+    report = summarize(rows, answers)
+    for lang, group in report["by_lang"].items():
+        ms = [latency for row, latency in zip(rows, latencies, strict=True) if row["lang"] == lang]
+        group["latency_ms"] = {"p50": round(percentile(ms, 50), 1), "p95": round(percentile(ms, 95), 1)}
+    report.update(
+        {
+            "cut": args.cut or None,
+            "role": role.name,
+            "method": "head" if extractor.head is not None else "counts",
+            "head": str(extractor.head.info.get("source") or "packaged") if extractor.head else None,
+            "latency_ms": {"p50": round(percentile(latencies, 50), 1), "p95": round(percentile(latencies, 95), 1)},
+        }
+    )
+    _finish_report(report, assistant, started, args.json)
+    return 0
+
+
 def _finish_report(report: dict, assistant, started: float, as_json: bool) -> None:
     from ..evaluation.metrics import format_report
 
@@ -104,6 +168,17 @@ def _finish_report(report: dict, assistant, started: float, as_json: bool) -> No
         return
     if "confusion" in report:
         print(format_report(report))
+    elif "f1@5" in report:
+        print(
+            f"n = {report['n']}   F1@5 = {report['f1@5']:.3f}   F1@10 = {report['f1@10']:.3f}   "
+            f"latency p50 = {report['latency_ms']['p50']:.0f} ms, p95 = {report['latency_ms']['p95']:.0f} ms "
+            f"({report['method']})"
+        )
+        for lang, g in report["by_lang"].items():
+            print(
+                f"  {lang:<4} n={g['n']:<4} F1@5={g['f1@5']:.3f} F1@10={g['f1@10']:.3f} P@5={g['p@5']:.3f}  "
+                f"p50 {g['latency_ms']['p50']:.0f} ms"
+            )
     else:
         print(
             f"n = {report['n']}   accuracy = {report['accuracy']:.3f}   macro F1 = {report['macro_f1']:.3f}   "
@@ -179,8 +254,10 @@ def cmd_train_head(args, settings: Settings) -> int:
         mood = mood_role(registry)
         # `--role chat`: the mood, read on the chat lane's pass (the respond flow's shared prefill).
         role = mood if args.role in (None, CHAT_ROLE) else registry.get(args.role)
+        if role.kind == "extract":
+            return _train_phrase_head(args, settings, role)
         if role.kind != "choice":
-            raise CliError(f"role {role.name!r} is a {role.kind} role: heads are for choice roles")
+            raise CliError(f"role {role.name!r} is a {role.kind} role: heads are for choice and extract roles")
         if args.data:
             items = load_labelled(*args.data, labels=role.label_names)
         else:
@@ -276,6 +353,64 @@ def cmd_train_head(args, settings: Settings) -> int:
     return 0
 
 
+def _train_phrase_head(args, settings: Settings, role) -> int:
+    """train-head DATA --role keywords: a phrase head on the analysis pass, from texts with their
+    key phrases (or the role file's examples)."""
+    from ..evaluation.data import DataError, load_phrased
+    from ..roles.extract import PhraseExample, default_phrase_layers, train_phrase_head
+    from ..roles.head import HeadError
+
+    try:
+        if args.data:
+            rows = load_phrased(*args.data)
+            examples = [PhraseExample(row["text"], tuple(row["present_keywords"] or row["keywords"])) for row in rows]
+        else:
+            examples = [PhraseExample(e.text, e.phrases) for e in role.examples]
+    except DataError as err:
+        raise CliError(str(err)) from None
+    if not 0.05 <= args.holdout <= 0.5:
+        raise CliError("--holdout must be between 0.05 and 0.5")
+    assistant = load_assistant(settings)
+    sha = assistant.model_sha256()
+    if sha is None:
+        raise CliError("a head is keyed by the model file's sha256: train it on a GGUF model")
+    if assistant.head is None:
+        raise CliError("a phrase head reads the analysis pass, which needs the sentiment head")
+    layers = default_phrase_layers(assistant.engine.n_layers) if args.layers is None else args.layers
+    if not 0 < layers <= assistant.head.layers:
+        raise CliError(f"a phrase head reads the analysis pass, after block 1 to {assistant.head.layers}")
+    point = assistant.analysis_point().key
+    with progress_bar(
+        total=len(examples), desc=f"train-head {role.name}@{point} (hidden states)", disable=args.quiet
+    ) as bar:
+        try:
+            head, report = train_phrase_head(
+                examples,
+                assistant.analyst.text_pass,
+                assistant.engine.token_bytes,
+                role=role,
+                model_sha256=sha,
+                point=point,
+                layers=layers,
+                holdout=args.holdout,
+                progress=bar.update,
+                source=", ".join(Path(path).name for path in args.data) if args.data else f"{role.name} examples",
+            )
+        except HeadError as err:
+            raise CliError(str(err)) from None
+    path = head.save(Path(args.output_dir) if args.output_dir else assistant.head_directory())
+    report.update({"head": str(path), "model_sha256": sha, "reads": point, "role": role.name})
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print(
+        f"held-out F1@5 on {report['heldout']} of {report['texts']} texts: head {report['heldout_f1@5_head']:.3f}, "
+        f"counts alone {report['heldout_f1@5_counts']:.3f} (after block {report['layers']}; {report['seconds']:.0f} s)"
+    )
+    print(f"saved {path}; role {role.name!r} ranks its phrases with it from now on, on the analysis pass")
+    return 0
+
+
 def cmd_eval_chat(args, settings: Settings) -> int:
     from ..evaluation import chat_eval
     from ..evaluation.data import DataError
@@ -327,10 +462,20 @@ def cmd_eval_chat(args, settings: Settings) -> int:
 
 
 def register(command) -> None:
-    p = command("eval", cmd_eval, "Accuracy, per language/source, confusion matrix, latency on labelled JSONL.")
+    p = command(
+        "eval",
+        cmd_eval,
+        "Accuracy, per language/source, confusion matrix, latency on labelled JSONL; for an extract "
+        "role (keywords), F1@5 and F1@10 on texts with their key phrases.",
+    )
     p.add_argument("data", metavar="DATA.jsonl")
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--role", metavar="NAME", help="the choice role to evaluate (default: sentiment)")
+    p.add_argument("--role", metavar="NAME", help="the choice or extract role to evaluate (default: sentiment)")
+    p.add_argument(
+        "--out",
+        metavar="PRED.jsonl",
+        help='an extract role\'s answers, one line per text: {"id", "keywords": [...]}',
+    )
     p.add_argument(
         "--labels",
         metavar="LABELS.json",
@@ -350,6 +495,14 @@ def register(command) -> None:
         "head on the chat lane's pass over the text as a first message",
     )
     p.add_argument("--limit", type=int, default=0, help="only the first N texts")
+    p.add_argument(
+        "--cut",
+        type=int,
+        default=0,
+        metavar="CHARS",
+        help="extract roles: only the texts at least this long, each cut to this many characters "
+        "(latency at one text length; the gold is what still occurs in the cut)",
+    )
     p.add_argument("--plot", metavar="PNG", help="also draw a reliability diagram (probability vs accuracy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command(

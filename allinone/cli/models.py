@@ -106,6 +106,8 @@ def cmd_roles(args, settings: Settings) -> int:
         row = {"name": role.name, "kind": role.kind, "source": where, "description": role.description}
         if role.kind == "choice":
             row["labels"] = list(role.label_names)
+        elif role.kind == "extract":
+            row["max_phrases"] = role.max_phrases
         row["prompts"] = list(role.prompts)
         rows.append(row)
         if args.json:
@@ -114,6 +116,8 @@ def cmd_roles(args, settings: Settings) -> int:
         print(f"    {role.description}")
         if role.kind == "choice":
             print(f"    labels ({len(role.labels)}): {', '.join(role.label_names)}")
+        elif role.kind == "extract":
+            print(f"    up to {role.max_phrases} phrases, each taken word for word from the text")
         for name, prompt in role.prompts.items():
             mark = "*" if name == current[role.kind] and role.name in ("chat", registry.get("chat").mood_from) else " "
             print(f"    {mark} prompt {name:<14} {prompt.description}")

@@ -62,18 +62,17 @@ def run_config(items: list[dict], settings: Settings, *, threads: int, actors: i
         clock = LineClock(start)
         if actors is None:
             label = recipe(threads)
-            run_batch(None, items, out, progress_factory=clock, label_all=lambda todo: map(label, todo))
+            run_batch(items, out, lambda todo: map(label, todo), progress_factory=clock)
         else:
             from ..scale.cluster import ray_session
             from ..scale.ray_batch import label_on_ray
 
             with ray_session(None, actors * threads) as ray:
                 run_batch(
-                    None,
                     items,
                     out,
+                    lambda todo: label_on_ray(ray, todo, recipe, actors=actors, threads_per_actor=threads),
                     progress_factory=clock,
-                    label_all=lambda todo: label_on_ray(ray, todo, recipe, actors=actors, threads_per_actor=threads),
                 )
         labels = [json.loads(line).get("label") for line in out.read_text(encoding="utf-8").splitlines()]
     return {**clock.figures(), "labels": labels}

@@ -31,6 +31,8 @@ def resolve_roles(spec: str, registry) -> list:
 
 
 def choice_line(choice, role) -> str:
+    if role.kind == "extract":
+        return f"🔑 {', '.join(choice.phrases[:5]) or '-'}"
     found = role.label(choice.label)
     prob = f" {choice.probability:.2f}" if choice.probability is not None else ""
     return f"{found.emoji} {found.shown('zh')}{prob}".strip()
@@ -138,9 +140,7 @@ def cmd_chat(args, settings: Settings) -> int:
 
 def cmd_batch(args, settings: Settings) -> int:
     from ..evaluation.data import DataError
-    from ..roles.definition import RoleError
-    from ..service import discover_roles
-    from .batch import AssistantLabeller, completed_lines, read_batch_input, run_batch
+    from .batch import completed_lines, read_batch_input, run_batch
 
     in_path, out_path = Path(args.input), Path(args.output)
     if in_path.resolve() == out_path.resolve():
@@ -150,16 +150,10 @@ def cmd_batch(args, settings: Settings) -> int:
     try:
         items = read_batch_input(in_path)
         done = completed_lines(out_path, items)  # an output of another input is refused before the model loads
-        try:
-            roles = resolve_roles(args.roles, discover_roles(settings)) if args.roles else None
-        except RoleError as err:
-            raise CliError(str(err)) from None
-        recipe = AssistantLabeller(settings, roles)
+        recipe = batch_recipe(args, settings)
         if args.ray is None:
             label = recipe(load=load_assistant) if done < len(items) else None
-            summary = run_batch(
-                None, items, out_path, progress_factory=progress_bar, label_all=lambda todo: map(label, todo)
-            )
+            summary = run_batch(items, out_path, lambda todo: map(label, todo), progress_factory=progress_bar)
         else:
             summary = batch_on_ray(args, recipe, items, out_path)
     except DataError as err:
@@ -171,14 +165,29 @@ def cmd_batch(args, settings: Settings) -> int:
     return 0
 
 
+def batch_recipe(args, settings: Settings):
+    """How each line is answered (the sentiment, or --roles), as a recipe a Ray actor can carry."""
+    from ..roles.definition import RoleError
+    from ..service import discover_roles
+    from .batch import AssistantLabeller
+
+    try:
+        roles = resolve_roles(args.roles, discover_roles(settings)) if args.roles else None
+    except RoleError as err:
+        raise CliError(str(err)) from None
+    return AssistantLabeller(settings, roles)
+
+
+def check_actors(args) -> None:
+    if args.actors < 1 or args.threads_per_actor < 1:
+        raise CliError("--actors and --threads-per-actor must be at least 1")
+
+
 def batch_shards_on_ray(args, settings: Settings, in_dir: Path, out_dir: Path) -> int:
     """IN_DIR/*.jsonl -> OUT_DIR/: Ray Data reads and the driver streams, for inputs larger than
     its memory."""
-    from ..roles.definition import RoleError
     from ..scale.cluster import ClusterError, ray_session
     from ..scale.ray_batch import label_shards_on_ray
-    from ..service import discover_roles
-    from .batch import AssistantLabeller
 
     if args.ray is None:
         raise CliError(f"{in_dir} is a directory: a directory of *.jsonl shards is labelled on Ray (add --ray)")
@@ -186,13 +195,8 @@ def batch_shards_on_ray(args, settings: Settings, in_dir: Path, out_dir: Path) -
         raise CliError(f"{in_dir} has no *.jsonl shards")
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"{out_dir} is a file: with a directory of shards in, -o names a directory")
-    if args.actors < 1 or args.threads_per_actor < 1:
-        raise CliError("--actors and --threads-per-actor must be at least 1")
-    try:
-        roles = resolve_roles(args.roles, discover_roles(settings)) if args.roles else None
-    except RoleError as err:
-        raise CliError(str(err)) from None
-    recipe = AssistantLabeller(settings, roles)
+    check_actors(args)
+    recipe = batch_recipe(args, settings)
     try:
         with ray_session(args.ray or None, args.actors * args.threads_per_actor) as ray:
             bar = progress_bar()
@@ -215,18 +219,16 @@ def batch_on_ray(args, recipe, items: list[dict], out_path: Path) -> dict:
     from ..scale.ray_batch import label_on_ray
     from .batch import run_batch
 
-    if args.actors < 1 or args.threads_per_actor < 1:
-        raise CliError("--actors and --threads-per-actor must be at least 1")
+    check_actors(args)
     try:
         with ray_session(args.ray or None, args.actors * args.threads_per_actor) as ray:
             return run_batch(
-                None,
                 items,
                 out_path,
-                progress_factory=progress_bar,
-                label_all=lambda todo: label_on_ray(
+                lambda todo: label_on_ray(
                     ray, todo, recipe, actors=args.actors, threads_per_actor=args.threads_per_actor
                 ),
+                progress_factory=progress_bar,
             )
     except ClusterError as err:
         raise CliError(str(err)) from None

@@ -247,11 +247,18 @@ class Engine(ABC):
         return True
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
-    ) -> np.ndarray:
+        self,
+        lane: int,
+        tokens: Sequence[int],
+        start: int,
+        layers: int,
+        stop: bool = True,
+        rows: tuple[int, ...] | None = None,
+    ) -> np.ndarray | tuple[dict[int, np.ndarray], np.ndarray]:
         """Evaluate tokens through the first `layers` blocks (all blocks unless `stop`); return
-        the last position's residual stream after block `layers` (with `rows`: every evaluated
-        position's, [n, hidden])."""
+        the last position's residual stream after block `layers`. With `rows` (depths, each at most
+        `layers`): ({depth: every evaluated position's residual stream after that many blocks,
+        [n, hidden]}, that last position's after `layers`), all from the same pass."""
         raise EngineError(f"{self.description} cannot read hidden states")
 
     def _decode_candidates(self, lane: int, tokens: Sequence[int], start: int, candidates: Sequence[int]) -> np.ndarray:
@@ -277,12 +284,15 @@ class Engine(ABC):
         layers: int | None = None,
         complete: bool = False,
         rows_from: int | None = None,
-    ) -> np.ndarray:
+        rows_layers: tuple[int, ...] = (),
+    ) -> np.ndarray | tuple[dict[int, np.ndarray], np.ndarray]:
         """Bring `lane` to hold exactly `tokens` and return the logits after the last one (only
         the candidates' logits, in their order, when candidates are given), or, with `layers`,
         the last position's residual stream after that many blocks; the pass stops there unless
         `complete`. With `rows_from` (and `layers`), positions from there on are evaluated even if
-        cached, and their rows are returned, [len(tokens) - rows_from, hidden]."""
+        cached, and the result is ({depth: their rows after that many blocks, [len(tokens) -
+        rows_from, hidden]} for each of `rows_layers` (default: `layers`), the last position's
+        residual stream after `layers`)."""
         self._check_lane(lane)
         if not tokens:
             raise EngineError("cannot evaluate an empty token sequence")
@@ -331,8 +341,11 @@ class Engine(ABC):
             else:
                 state.shallow_layers = min(state.shallow_layers, depth)
         if layers is not None and rows_from is not None:
-            rows = self._decode_hidden(lane, tokens[reuse:], reuse, layers, stop=not complete, rows=True)
-            result = rows[rows_from - reuse :]
+            depths = tuple(sorted(set(rows_layers or (layers,))))
+            if not all(0 < depth <= layers for depth in depths):
+                raise EngineError(f"rows can be read after 1..{layers} blocks on this pass, not {depths}")
+            rows, last = self._decode_hidden(lane, tokens[reuse:], reuse, layers, stop=not complete, rows=depths)
+            result = ({depth: found[rows_from - reuse :] for depth, found in rows.items()}, last)
         elif layers is not None:
             result = self._decode_hidden(lane, tokens[reuse:], reuse, layers, stop=not complete)
         elif candidates is None:
@@ -394,8 +407,25 @@ class Engine(ABC):
         start, end = pool
         if not 0 <= start < end <= len(tokens):
             raise EngineError(f"pool {pool} is not a non-empty range of the {len(tokens)} tokens")
-        rows = np.asarray(self._evaluate(tokens, lane, layers=layers, rows_from=start), dtype=np.float32)
-        return np.stack([rows[-1], rows[: end - start].mean(axis=0)])
+        rows, last = self._evaluate(tokens, lane, layers=layers, rows_from=start)
+        return np.stack([np.asarray(last, dtype=np.float32), np.asarray(rows[layers][: end - start]).mean(axis=0)])
+
+    def hidden_rows(
+        self, tokens: Sequence[int], layers: int, start: int, *, lane: int = 0, rows_layers: tuple[int, ...] = ()
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """One pass through `layers` blocks that reads, for each depth of `rows_layers` (default:
+        `layers`), the residual stream after that many blocks at every position from `start` on
+        ([n - start, hidden] each), and the last position's after `layers` (hidden_state's
+        answer). Those positions are evaluated on this pass even if the lane held them. An extract
+        role ranks spans of the text by rows read lower down (as good there, and a shorter pass
+        when it is asked alone); pooled choice heads average the rows at their own depth and read
+        the last position: one pass for all of them."""
+        if not 0 <= start < len(tokens):
+            raise EngineError(f"start {start} is not a position of the {len(tokens)} tokens")
+        rows, last = self._evaluate(tokens, lane, layers=layers, rows_from=start, rows_layers=tuple(rows_layers))
+        return {depth: np.asarray(found, dtype=np.float32) for depth, found in rows.items()}, np.asarray(
+            last, dtype=np.float32
+        )
 
     def generate(
         self,

@@ -86,6 +86,7 @@ class _LayerTap:
         self._ggml = ggml
         self.n_embd = n_embd
         self.target: bytes | None = None
+        self.row_targets: dict[bytes, int] = {}
         self.value: np.ndarray | None = None
         self.stop = True
         # A list to receive every token's row of each pass ([n_tokens, n_embd] per decode call),
@@ -95,16 +96,20 @@ class _LayerTap:
 
     @contextlib.contextmanager
     def collecting(self):
-        """Every token's row of the passes run inside, in a list (one [n_tokens, n_embd] per decode)."""
-        rows: list[np.ndarray] = []
+        """Every token's row of the passes run inside: depth -> a list of [n_tokens, n_embd], one
+        per decode call (the depths armed with `rows_layers`, else the target's)."""
+        rows: dict[int, list[np.ndarray]] = {}
         self.all_rows = rows
         try:
             yield rows
         finally:
             self.all_rows = None
 
-    def arm(self, layers: int, stop: bool = True) -> None:
+    def arm(self, layers: int, stop: bool = True, rows_layers: tuple[int, ...] = ()) -> None:
+        """Read the last position after `layers` blocks; while collecting, every position's row
+        after each depth of `rows_layers` (default: `layers`) on the way."""
         self.target, self.value, self.stop = f"l_out-{layers - 1}".encode(), None, stop
+        self.row_targets = {f"l_out-{depth - 1}".encode(): depth for depth in (rows_layers or (layers,))}
 
     def disarm(self) -> None:
         self.target = None
@@ -112,14 +117,17 @@ class _LayerTap:
     def _on_node(self, tensor, ask, user_data) -> bool:
         if self.target is None:
             return False
+        name = self._ggml.ggml_get_name(tensor)
         if ask:
-            return self._ggml.ggml_get_name(tensor) == self.target
-        # The node is [n_embd, n_tokens] float32, tokens in batch order: keep the last one.
+            return name == self.target or (self.all_rows is not None and name in self.row_targets)
+        # The node is [n_embd, n_tokens] float32, tokens in batch order.
         n_tokens = self._ggml.ggml_nelements(tensor) // self.n_embd
-        if self.all_rows is not None:
+        if self.all_rows is not None and name in self.row_targets:
             rows = np.empty((n_tokens, self.n_embd), dtype=np.float32)
             self._ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
-            self.all_rows.append(rows)
+            self.all_rows.setdefault(self.row_targets[name], []).append(rows)
+            if name != self.target:
+                return True  # on to the target block
             self.value = rows[-1]
         else:
             value = np.empty(self.n_embd, dtype=np.float32)
@@ -363,7 +371,7 @@ class LlamaCppEngine(Engine):
         offline tools that train on the residual stream (tools/sentiment_lora, tools/chat_lora)."""
         with self._tap.collecting() as rows:
             self.hidden_state(tokens, layers, lane=lane)
-        return np.concatenate(rows)
+        return np.concatenate(rows[layers])
 
     def lane_alone(self, lane: int) -> bool:
         """Whether no other lane shares this lane's llama.cpp context (so it can run an adapter)."""
@@ -419,15 +427,26 @@ class LlamaCppEngine(Engine):
             offset += size
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
-    ) -> np.ndarray:
+        self,
+        lane: int,
+        tokens: Sequence[int],
+        start: int,
+        layers: int,
+        stop: bool = True,
+        rows: tuple[int, ...] | None = None,
+    ) -> np.ndarray | tuple[dict[int, np.ndarray], np.ndarray]:
         if lane >= self.tapped_lanes:
             raise EngineError(f"lane {lane} cannot read hidden states: only lanes below {self.tapped_lanes} can")
-        if rows:
+        if rows is not None:
             with self._tap.collecting() as collected:
-                self._decode_hidden(lane, tokens, start, layers, stop)
-            return np.concatenate(collected)
-        self._tap.arm(layers, stop)
+                last = self._read_last(lane, tokens, start, layers, stop, rows_layers=rows)
+            return {depth: np.concatenate(collected[depth]) for depth in rows}, last
+        return self._read_last(lane, tokens, start, layers, stop)
+
+    def _read_last(
+        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool, rows_layers: tuple[int, ...] = ()
+    ) -> np.ndarray:
+        self._tap.arm(layers, stop, rows_layers)
         try:
             # No logits either way: a stopped pass never reaches the output projection, and a
             # complete one runs the blocks for their KV entries; llama.cpp skips the projection

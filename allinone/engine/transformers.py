@@ -407,9 +407,15 @@ class TransformersEngine(Engine):
         return logits.float().numpy().copy()
 
     def _decode_hidden(
-        self, lane: int, tokens: Sequence[int], start: int, layers: int, stop: bool = True, rows: bool = False
+        self,
+        lane: int,
+        tokens: Sequence[int],
+        start: int,
+        layers: int,
+        stop: bool = True,
+        rows: tuple[int, ...] | None = None,
     ) -> np.ndarray:
-        if rows:
+        if rows is not None:
             raise EngineError("the transformers engine reads the last position only (no pooled heads)")
         # Every block runs here anyway (see _hidden_last), so the lane is complete either way.
         return self._hidden_last(lane, tokens, start, layers).float().numpy().copy()

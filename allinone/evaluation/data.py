@@ -62,3 +62,33 @@ def load_labelled(*paths: str | Path, labels: Sequence[str]) -> list[dict]:
     chat file's `message` and `sentiment` (chat-real-*.jsonl), so that a head can learn from
     messages written to a listener."""
     return [obj for path in paths for _, obj in read_jsonl(path, labels=labels, alias="message")]
+
+
+def load_phrased(*paths: str | Path) -> list[dict]:
+    """Texts with their key phrases (an extract role's data, keywords-*.jsonl): `text` and
+    `keywords` (a list of strings; `present_keywords`, the ones in the text, when the file gives
+    them), optional `id` (else file:line) and `lang` (else detected)."""
+    from ..roles.language import detect_language
+
+    rows = []
+    for path in paths:
+        for number, obj in read_jsonl(path):
+            keywords = obj.get("keywords", obj.get("phrases"))
+            if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+                raise DataError(f"{path} line {number}: needs 'keywords', a list of strings")
+            present = obj.get("present_keywords")
+            if present is not None and (not isinstance(present, list) or not all(isinstance(k, str) for k in present)):
+                raise DataError(f"{path} line {number}: 'present_keywords' must be a list of strings")
+            lang = obj.get("lang") or ("zh" if detect_language(obj["text"]) == "zh" else "en")
+            if lang not in ("zh", "en"):
+                raise DataError(f"{path} line {number}: 'lang' must be zh or en, got {lang!r}")
+            rows.append(
+                {
+                    "id": str(obj.get("id", f"{Path(path).name}:{number}")),
+                    "text": obj["text"],
+                    "keywords": keywords,
+                    "present_keywords": present,
+                    "lang": lang,
+                }
+            )
+    return rows

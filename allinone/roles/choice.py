@@ -255,6 +255,25 @@ class ChoiceRole:
             hidden = self.engine.hidden_state(tokens, self.head.layers, lane=self.lane)
         return hidden, truncated
 
+    def text_tokens(self, text: str) -> tuple[list[int], bool]:
+        """The text's tokens as this role's prompt holds them (cut in the middle when too long)."""
+        tokens, truncated = self.prompt_tokens(text)
+        start, end = self.text_span(tokens)
+        return tokens[start:end], truncated
+
+    def text_pass(
+        self, text: str, layers: int, rows_layers: tuple[int, ...] = ()
+    ) -> tuple[list[int], dict[int, np.ndarray], np.ndarray, bool]:
+        """One pass through `layers` blocks on the weights the head runs: the text's tokens; for
+        each depth of `rows_layers` (default: `layers`), the residual stream after that many blocks
+        from the text's first token to the prompt's end (rows [text tokens..., prompt tail...]);
+        the last position's after `layers` (what a head reads); whether the text was cut."""
+        self._weights_for(True)
+        tokens, truncated = self.prompt_tokens(text)
+        start, end = self.text_span(tokens)
+        rows, last = self.engine.hidden_rows(tokens, layers, start, lane=self.lane, rows_layers=rows_layers)
+        return tokens[start:end], rows, last, truncated
+
     def analyze(self, text: str, *, use_head: bool = True) -> Choice:
         validate_text(text, self.max_text_chars)
         start = time.perf_counter()

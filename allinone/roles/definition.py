@@ -5,9 +5,10 @@ added (or a built-in one replaced) by dropping a file into $ALLINONE_HOME/roles/
 an HTTP request, and reviewed like any other text; the program that builds prompts, trains heads
 and writes replies stays one piece of code for every role.
 
-Two kinds exist for now: "choice" (one label out of a set) and "chat" (a free reply, told the
-result of a choice role). The people who read our errors are editing a file, so every error
-starts with where the role came from and names the field ("roles/x.json: labels[3].name: ...").
+Three kinds: "choice" (one label out of a set), "extract" (a ranked list of phrases that occur
+literally in the text) and "chat" (a free reply, told the result of a choice role). The people
+who read our errors are editing a file, so every error starts with where the role came from and
+names the field ("roles/x.json: labels[3].name: ...").
 
 Only the standard library is imported, so anything can validate a role without the engine.
 """
@@ -23,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-KINDS = ("choice", "chat")
+KINDS = ("choice", "extract", "chat")
+MAX_PHRASES = 50
 LANGUAGES = ("zh", "en")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 MAX_DESCRIPTION = 300
@@ -37,6 +39,7 @@ BUILTIN_DIR = Path(__file__).with_name("builtin")
 _COMMON_FIELDS = ("name", "kind", "description", "title")
 _KIND_FIELDS = {
     "choice": _COMMON_FIELDS + ("instruction", "labels", "examples", "prompts", "default_prompt", "reads"),
+    "extract": _COMMON_FIELDS + ("instruction", "examples", "max_phrases", "reads"),
     "chat": _COMMON_FIELDS + ("mood_from", "prompts", "default_prompt"),
 }
 
@@ -79,7 +82,8 @@ class Label:
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: str
+    label: str = ""  # a choice role's example
+    phrases: tuple[str, ...] = ()  # an extract role's: its key phrases, best first, each in the text
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class RoleDefinition:
     default_prompt: str | None = None
     reads: str | None = None
     mood_from: str | None = None
+    max_phrases: int | None = None  # an extract role's: how many phrases it returns at most
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -172,10 +177,15 @@ class RoleDefinition:
             "kind": self.kind,
             "instruction": self.instruction,
             "labels": [[label.name, label.description] for label in self.labels],
-            "examples": [[example.text, example.label] for example in self.examples],
+            # (an extract role's phrases only where there are some: choice roles keep their keys)
+            "examples": [
+                [example.text, example.label, *([list(example.phrases)] if example.phrases else [])]
+                for example in self.examples
+            ],
             "prompts": {name: asdict(prompt) for name, prompt in self.prompts.items()},
             "reads": self.reads,
             "mood_from": self.mood_from,
+            **({"max_phrases": self.max_phrases} if self.max_phrases is not None else {}),
         }
         return hashlib.sha256(_canonical(scoring).encode("utf-8")).hexdigest()
 
@@ -325,7 +335,7 @@ def _parse(data: Any, where: str, source: str, limits: _Limits) -> RoleDefinitio
     for other in KINDS:
         for key in data:
             if other != kind and key in _KIND_FIELDS[other] and key not in _KIND_FIELDS[kind]:
-                c.fail(key, f"a field of a {other} role, not of a {kind} role")
+                c.fail(key, f"a field of {_a(other)} role, not of {_a(kind)} role")
     required = ("name", "kind", "description")
     c.obj(data, "", required=required, optional=[key for key in _KIND_FIELDS[kind] if key not in required])
     name = c.name(data["name"], "name")
@@ -335,14 +345,20 @@ def _parse(data: Any, where: str, source: str, limits: _Limits) -> RoleDefinitio
     common = dict(name=name, kind=kind, description=description, source=source, title=_title(c, data, name))
     if kind == "chat":
         return _parse_chat(c, data, common)
+    if kind == "extract":
+        return _parse_extract(c, data, common, limits)
     return _parse_choice(c, data, common, limits)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _kind(c: _Checker, data: dict, limits: _Limits) -> str:
     if "kind" not in data:
         c.fail("kind", f"required: one of {', '.join(KINDS)}")
     kind = data["kind"]
-    if kind not in KINDS:  # "extract" and the like may come; refused by name until they do
+    if kind not in KINDS:
         c.fail("kind", f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
     if kind not in limits.kinds:
         c.fail("kind", f"{limits.what} must be of kind {' or '.join(limits.kinds)}, not {kind!r}")
@@ -380,6 +396,43 @@ def _parse_choice(c: _Checker, data: dict, common: dict, limits: _Limits) -> Rol
         default_prompt=_default_prompt(c, data, prompts),
         reads=reads,
     )
+
+
+def _parse_extract(c: _Checker, data: dict, common: dict, limits: _Limits) -> RoleDefinition:
+    if "instruction" not in data:
+        c.fail("instruction", "required: what to take from the text")
+    max_phrases = data.get("max_phrases", 10)
+    if isinstance(max_phrases, bool) or not isinstance(max_phrases, int) or not 1 <= max_phrases <= MAX_PHRASES:
+        c.fail("max_phrases", f"a whole number from 1 to {MAX_PHRASES}, not {max_phrases!r}")
+    reads = c.name(data["reads"], "reads") if "reads" in data else None
+    if reads == common["name"]:
+        c.fail("reads", "a role cannot read its own pass; name the role whose pass it shares")
+    return RoleDefinition(
+        **common,
+        instruction=_instruction(c, data["instruction"]),
+        examples=_phrase_examples(c, data.get("examples", []), limits),
+        reads=reads,
+        max_phrases=max_phrases,
+    )
+
+
+def _phrase_examples(c: _Checker, value: Any, limits: _Limits) -> tuple[Example, ...]:
+    """Each example's phrases must occur in its text (case aside): an extract role only ever
+    returns text that is there."""
+    examples = []
+    for i, item in enumerate(c.items(value, "examples", limits.max_examples, limits.what)):
+        spec = c.obj(item, f"examples[{i}]", required=("text", "phrases"))
+        text = c.text(spec["text"], f"examples[{i}].text")
+        phrases = []
+        for j, phrase in enumerate(c.items(spec["phrases"], f"examples[{i}].phrases", MAX_PHRASES, "an example")):
+            phrase = c.text(phrase, f"examples[{i}].phrases[{j}]").strip()
+            if phrase.lower() not in text.lower():
+                c.fail(f"examples[{i}].phrases[{j}]", f"{phrase!r} does not occur in the example's text")
+            phrases.append(phrase)
+        if not phrases:
+            c.fail(f"examples[{i}].phrases", "give at least one phrase")
+        examples.append(Example(text=text, phrases=tuple(phrases)))
+    return tuple(examples)
 
 
 def _instruction(c: _Checker, value: Any) -> dict[str, str]:

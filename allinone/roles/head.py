@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
 
 HEAD_FORMAT = 4  # 4: a row per label and the label list; 3 added the adapter; 2 and 3 are two-label
 # The heads that ship with the package; a head the user trains lives in <home>/heads and wins.
@@ -271,6 +270,10 @@ def fit_softmax(x: np.ndarray, y: np.ndarray, n_labels: int, l2: float, start: n
         return loss, gradient.ravel()
 
     w0 = np.zeros((width + 1) * n_labels) if start is None else start.ravel()
+    # Imported here, not at the top: scipy.optimize adds ~50 MB to a process that only answers
+    # (serve, analyze), and only training fits anything.
+    from scipy.optimize import minimize
+
     result = minimize(loss_and_gradient, w0, jac=True, method="L-BFGS-B", options={"maxiter": 500})
     return result.x.reshape(width + 1, n_labels)
 

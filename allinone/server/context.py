@@ -193,6 +193,18 @@ class Server:
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+def phrases_json(phrases, role) -> dict:
+    """A roles.extract.Phrases of an extract role as the API shows it."""
+    title = role.title.get("zh") or role.name
+    return {
+        "phrases": phrases.phrases,
+        "scores": phrases.scores,
+        "latency_ms": round(phrases.latency_ms, 2),
+        "truncated": phrases.truncated,
+        "display": f"🔑 {title}: {' · '.join(phrases.phrases[:5])}",
+    }
+
+
 def choice_json(choice, role, *, every_label: bool = False) -> dict:
     """A roles.choice.Choice of a role (a roles.definition.RoleDefinition) as the API shows it;
     `every_label`: with every label's probability."""

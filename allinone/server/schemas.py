@@ -78,8 +78,8 @@ class SentimentBatchResponse(BaseModel):
 
 class AnalyzeRequest(TextsRequest):
     roles: list[str | dict] = Field(
-        description="Choice roles to answer: names (GET /v1/roles lists them), or role definitions inline "
-        "(the schema of a role file; zero-shot, at most 50 labels and 64 kB).",
+        description="Choice and extract roles to answer: names (GET /v1/roles lists them), or choice role "
+        "definitions inline (the schema of a role file; zero-shot, at most 50 labels and 64 kB).",
         min_length=1,
         max_length=16,
     )
@@ -89,8 +89,18 @@ class RoleResult(SentimentResult):
     probabilities: dict[str, float] = Field(description="Every label's probability.")
 
 
+class PhrasesResult(BaseModel):
+    phrases: list[str] = Field(description="Key phrases taken literally from the text, best first.")
+    scores: list[float] = Field(description="Each phrase's score (higher: more likely a key phrase).")
+    latency_ms: float
+    truncated: bool = Field(False, description="The text was too long; its middle was left out.")
+    display: str = Field(description='What the page shows, e.g. "🔑 关键词: 驾照 · 考试".')
+
+
 class AnalyzeResult(BaseModel):
-    roles: dict[str, RoleResult] = Field(description="Role name -> its answer, in the order asked.")
+    roles: dict[str, RoleResult | PhrasesResult] = Field(
+        description="Role name -> its answer, in the order asked: a choice role's label, an extract role's phrases."
+    )
 
 
 class AnalyzeBatchResponse(BaseModel):
@@ -102,7 +112,9 @@ class RoleInfo(BaseModel):
     kind: str
     description: str
     labels: list[dict] = Field(description="name, description, display, emoji; choice roles only.")
-    head: bool | None = Field(description="Answered by a learned head on the shared pass (choice roles).")
+    head: bool | None = Field(
+        description="Answered by a learned head on the shared pass (choice and extract roles; chat: null)."
+    )
 
 
 class RolesResponse(BaseModel):

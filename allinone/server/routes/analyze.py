@@ -1,12 +1,12 @@
-"""POST /v1/analyze: several choice roles for one text or a batch, sharing one pass where their
-heads can; GET /v1/roles: the roles this service knows."""
+"""POST /v1/analyze: several choice and extract roles for one text or a batch, sharing one pass
+where their heads can; GET /v1/roles: the roles this service knows."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
 from ...roles.definition import RoleError, parse_inline_role
-from ..context import Server, choice_json
+from ..context import Server, choice_json, phrases_json
 from ..errors import ApiError
 from ..schemas import AnalyzeBatchResponse, AnalyzeRequest, AnalyzeResult, RolesResponse
 
@@ -20,6 +20,11 @@ def router(server: Server) -> APIRouter:
         listing = []
         for role in assistant.roles.roles.values():
             choice = role.kind == "choice"
+            head = None
+            if choice:
+                head = assistant.role_head(role) is not None
+            elif role.kind == "extract":
+                head = assistant.extract_role(role).head is not None
             listing.append(
                 {
                     "name": role.name,
@@ -30,7 +35,7 @@ def router(server: Server) -> APIRouter:
                         for x in role.labels
                     ],
                     # Looking a head up reads a small file once per role; it is cached afterwards.
-                    "head": (assistant.role_head(role) is not None) if choice else None,
+                    "head": head,
                 }
             )
         return {"roles": listing}
@@ -49,9 +54,11 @@ def router(server: Server) -> APIRouter:
                 definition = parse_inline_role(role) if isinstance(role, dict) else assistant.roles.get(role)
             except RoleError as err:
                 raise ApiError(422 if isinstance(role, dict) else 404, f"roles[{i}]: {err}") from None
-            if definition.kind != "choice":
+            if definition.kind not in ("choice", "extract"):
                 raise ApiError(
-                    422, f"roles[{i}]: {definition.name!r} is a {definition.kind} role; analyze takes choice roles"
+                    422,
+                    f"roles[{i}]: {definition.name!r} is a {definition.kind} role; analyze takes choice and "
+                    "extract roles",
                 )
             if definition.name in {d.name for d in definitions}:
                 raise ApiError(422, f"roles[{i}]: role {definition.name!r} is asked twice")
@@ -60,7 +67,12 @@ def router(server: Server) -> APIRouter:
         def answer(text: str) -> dict:
             answers = assistant.analyze_roles(text, definitions)
             return {
-                "roles": {role.name: choice_json(answers[role.name], role, every_label=True) for role in definitions}
+                "roles": {
+                    role.name: phrases_json(answers[role.name], role)
+                    if role.kind == "extract"
+                    else choice_json(answers[role.name], role, every_label=True)
+                    for role in definitions
+                }
             }
 
         results = await server.answer_each(request, texts, answer, "analyze")
