@@ -18,6 +18,7 @@ from allinone.roles.extract import (
     candidate_spans,
     phrase_key,
     rank,
+    span_features,
     train_phrase_head,
 )
 from allinone.roles.head import ChoiceHead, HeadError
@@ -228,3 +229,13 @@ def test_a_phrase_inside_one_already_chosen_is_left_out():
     # the longer one after the shorter is still a phrase of its own
     phrases, _ = rank(text, spans, np.array([3.0, 4.0, 2.0, 1.0]), "zh", 10)
     assert phrases == ["脑梗", "脑梗死", "患者", "治疗"]
+
+
+def test_span_scores_equal_the_training_features_times_the_weights():
+    rng = np.random.default_rng(11)
+    rows = rng.normal(size=(40, HIDDEN)) * rng.uniform(0.5, 3.0, size=(40, 1))
+    spans = [Span(i, j, f"s{i}-{j}") for i in range(40) for j in range(i + 1, min(40, i + 6) + 1)]
+    counts = rng.normal(size=(len(spans), 6))
+    head = PhraseHead("f00d", "p", "keywords", 2, rng.normal(size=2 * HIDDEN + 6), 0.3)
+    expected = head.scores(span_features(rows, spans, counts))
+    assert head.span_scores(rows, spans, counts) == pytest.approx(expected, abs=1e-9)
