@@ -43,6 +43,8 @@ def test_english_candidates_are_whole_words_without_punctuation_or_function_word
     assert "degradation in electric vans" in phrases  # a function word inside is fine
     assert not any(p.split()[0].lower() in ("in", "with") or p.split()[-1].lower() == "in" for p in phrases)
     assert all(p in text for p in phrases)
+    contraction = {s.phrase for s in candidate_spans(words("the doctors aren't sure"), "en")}
+    assert "doctors" in contraction and "doctors aren" not in contraction
 
 
 def test_chinese_candidates_stop_at_punctuation_and_keep_two_to_twelve_characters():
@@ -51,6 +53,10 @@ def test_chinese_candidates_stop_at_punctuation_and_keep_two_to_twelve_character
     assert {"社区团购", "实体菜市场", "价格补贴", "影响"} <= phrases
     assert "对" not in phrases and not any("。" in p for p in phrases)
     assert "影响价格" not in phrases
+    sentence = [t.encode() for t in ["今天", "终于", "拿到", "驾照", "了", "开心", "到", "飞起"]]
+    phrases = {s.phrase for s in candidate_spans(sentence, "zh")}
+    assert {"驾照", "拿到驾照", "开心"} <= phrases
+    assert not {"驾照了", "拿到驾照了", "开心到", "了开心"} & phrases  # particles at the edges
 
 
 def test_a_character_split_between_tokens_only_counts_when_whole():

@@ -46,6 +46,10 @@ MAX_SPAN_TOKENS = {"zh": 8, "en": 6}
 MAX_WORDS = 5
 _BREAKS = set('，。、；：！？,.;:!?()（）[]【】《》<>{}"“”‘’\n\t—/·…|=+*&#@~`^$')
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Chinese particles and function characters no key phrase opens or closes with (none of the 1,766
+# Chinese gold phrases of keywords-train does): `驾照了`, `开心到` are pieces of a sentence.
+_ZH_NO_START = set("的了与或及在是把被从")
+_ZH_NO_END = set("了的吗呢吧啊呀哦嘛得着过到")
 _EDGE_WORDS = frozenset(
     """a an the of for and or nor but in on at to with by from as is are was were be been being this that
     these those it its we our us they their them he she his her i my me you your which who whom whose what
@@ -114,15 +118,15 @@ def candidate_spans(pieces: Sequence[bytes], lang: str) -> list[Span]:
             if not phrase or not (phrase[0].isalnum() and phrase[-1].isalnum()):
                 continue
             if lang == "zh" and _CJK.search(phrase):
-                if not 2 <= len(phrase) <= 12:
+                if not 2 <= len(phrase) <= 12 or phrase[0] in _ZH_NO_START or phrase[-1] in _ZH_NO_END:
                     continue
             else:
                 before = raw[offsets[i] - 1 : offsets[i]] if i else b" "
                 after = raw[offsets[j] : offsets[j] + 1] or b" "
                 if before.isalnum() and not chunk.startswith(" "):
                     continue  # starts inside a word
-                if after.isalnum():
-                    continue  # ends inside a word
+                if after.isalnum() or (after == b"'" and raw[offsets[j] + 1 : offsets[j] + 2].isalpha()):
+                    continue  # ends inside a word (`aren` of `aren't`)
                 words = phrase.lower().split()
                 if len(words) > MAX_WORDS or words[0] in _EDGE_WORDS or words[-1] in _EDGE_WORDS:
                     continue
