@@ -406,7 +406,7 @@ class Assistant:
                 raise ValueError("no chat head: the respond flow asks the analyst")
             validate_text(text, self.settings.max_text_chars)
             tokens, _, message_end = self.chat.prompt_tokens([], text, None, 1)
-            return self._mood_on_the_chat_pass(tokens[:message_end])
+            return self._second_opinion_if_unsure(text, self._mood_on_the_chat_pass(tokens[:message_end]))
         raise ValueError(f"unknown method {method!r} (score, prompt, seed or chat)")
 
     def respond(
@@ -443,6 +443,7 @@ class Assistant:
             probe, dropped, message_end = self.chat.prompt_tokens(turns, message, None, sampling.max_tokens)
             sentiment = self._mood_on_the_chat_pass(probe[:message_end])
             cached = self.engine.last_stats.reused
+            sentiment = self._second_opinion_if_unsure(message, sentiment)
             tokens, _, _ = self.chat.prompt_tokens(turns[dropped:], message, sentiment.label, sampling.max_tokens)
         else:
             sentiment = self.analyst.analyze(message)
@@ -517,6 +518,16 @@ class Assistant:
             label = role.label(label_name)
             parts.append(f"{label.emoji} {label.shown(lang)}".strip() if not parts else label.shown(lang))
         return " · ".join(parts)
+
+    def _second_opinion_if_unsure(self, message: str, read: Choice) -> Choice:
+        """The chat head's reading, or the analyst's when the head is unsure of it: the analyst
+        reads real messages better (its own prompt, its own adapter) and costs one short pass,
+        paid only for those messages (docs/chat.md has the figures)."""
+        if read.probability is None or read.probability >= self.settings.second_opinion_below:
+            return read
+        analyst = self.analyst.analyze(message)
+        analyst.latency_ms += read.latency_ms
+        return analyst
 
     def _mood_on_the_chat_pass(self, tokens: list[int]) -> Choice:
         start = time.perf_counter()

@@ -198,7 +198,7 @@ def test_tokens_up_to_the_message_end_do_not_depend_on_the_sentiment():
 
 
 def test_shared_prefill_reads_the_sentiment_on_the_chat_lane_and_evaluates_the_message_once():
-    shared = with_chat_head(make_assistant())
+    shared = with_chat_head(make_assistant(second_opinion_below=0.5))  # the head's reading, always
     shared.chat.warm_prefix()
     before = shared.engine.decoded_tokens
     response = shared.respond(Conversation(), "我升职了!")
@@ -218,6 +218,31 @@ def test_shared_prefill_reads_the_sentiment_on_the_chat_lane_and_evaluates_the_m
     assert two.respond(Conversation(), "我升职了!").text() == "谢谢你的分享!"
     message_tokens = len(two.engine.tokenize("我升职了!"))
     assert two.engine.decoded_tokens - before >= shared_cost + message_tokens
+
+
+@pytest.mark.parametrize("threshold,unsure", [(0.5, False), (0.999, True)])
+def test_an_unsure_chat_head_gets_the_analysts_second_opinion(threshold, unsure):
+    assistant = with_chat_head(make_assistant(second_opinion_below=threshold))
+    message = "我升职了!"
+    probe, _, end = assistant.chat.prompt_tokens([], message, None, 256)
+    hidden = assistant.engine.model_hidden_state(probe[:end], 2).astype(np.float32)
+    head_p = assistant.chat_head.probabilities(hidden)
+    analyst = assistant.analyze(message)
+    assistant.analyst.warm_prefix()
+    before = assistant.engine.lane_tokens(0)
+    conversation = Conversation()
+    response = assistant.respond(conversation, message)
+    response.text()
+    assert conversation.turns[-1].annotations["sentiment"]["label"] == response.sentiment.label
+    assert (max(head_p) < threshold) == unsure  # (the fake head reads 0.93 here: both branches run)
+    if not unsure:  # the head's reading, no pass on the analyst's lane
+        assert math.isclose(response.sentiment.probability, max(head_p), rel_tol=1e-6)
+        assert assistant.engine.lane_tokens(0) == before
+    else:  # the analyst's answer (here the other label), and the chat role is told that one
+        assert response.sentiment.label != ("positive" if head_p[0] >= 0.5 else "negative")
+        assert response.sentiment.probabilities == pytest.approx(analyst.probabilities, abs=1e-6)
+        assert assistant.engine.lane_tokens(0) != before
+    assert assistant.analyze(message, method="chat").label == response.sentiment.label
 
 
 def test_shared_prefill_second_turn_reuses_the_first_and_can_be_turned_off_per_call():
