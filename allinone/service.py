@@ -329,8 +329,8 @@ class Assistant:
             for role in definitions
             if role.kind == "choice"
         }
-        extractors = [self.extract_role(role) for role in definitions if role.kind == "extract"]
-        phrase_depths = tuple(sorted({e.head.layers for e in extractors if e.head is not None}))
+        extractors = {role.name: self.extract_role(role) for role in definitions if role.kind == "extract"}
+        phrase_depths = tuple(sorted({e.head.layers for e in extractors.values() if e.head is not None}))
         pooled = any(head is not None and head.pooled for head in chosen.values())
         heads_wanted = any(head is not None for head in chosen.values())
         shared = None  # (hidden state, truncated, ms, text tokens, {depth: rows}) of the analysis pass
@@ -351,7 +351,7 @@ class Assistant:
         for role in definitions:
             start = time.perf_counter()
             if role.kind == "extract":
-                extractor = self.extract_role(role)
+                extractor = extractors[role.name]
                 if extractor.head is None:
                     results[role.name] = extractor.extract(text)
                     continue

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .definition import RoleDefinition
-from .head import PACKAGED_HEADS, HeadError, normalise, train_parameters
+from .head import PACKAGED_HEADS, HeadError, normalise, rms, train_parameters
 from .language import detect_language
 
 PHRASE_HEAD_FORMAT = 1
@@ -160,10 +160,8 @@ def count_features(text: str, spans: Sequence[Span], lang: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(len(spans), 6)
 
 
-def span_features(rows: np.ndarray | None, spans: Sequence[Span], counts: np.ndarray) -> np.ndarray:
+def span_features(rows: np.ndarray, spans: Sequence[Span], counts: np.ndarray) -> np.ndarray:
     """A phrase head's input per span: [normalised mean over the span, normalised last row, counts]."""
-    if rows is None:
-        return counts
     states = np.asarray(rows, dtype=np.float64)
     means = np.stack([states[s.start : s.end].mean(axis=0) for s in spans])
     lasts = np.stack([states[s.end - 1] for s in spans])
@@ -270,17 +268,13 @@ class PhraseHead:
         starts = np.array([s.start for s in spans])
         ends = np.array([s.end for s in spans])
         scores = counts @ w_counts + self.bias
-        scores += ((states @ w_last) / _rms(states))[ends - 1]
+        scores += ((states @ w_last) / rms(states))[ends - 1]
         running = np.vstack([np.zeros((1, width)), np.cumsum(states, axis=0)])
         for at in range(0, len(spans), 512):
             part = slice(at, at + 512)
             means = (running[ends[part]] - running[starts[part]]) / (ends[part] - starts[part])[:, None]
-            scores[part] += (means @ w_mean) / _rms(means)
+            scores[part] += (means @ w_mean) / rms(means)
         return scores
-
-
-def _rms(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.mean(x**2, axis=-1) + 1e-6)
 
 
 def rank(text: str, spans: Sequence[Span], scores: np.ndarray, lang: str, limit: int) -> tuple[list[str], list[float]]:
@@ -326,10 +320,6 @@ class ExtractRole:
         self.text_pass = text_pass
         self.token_bytes = token_bytes
         self.head = head
-
-    @property
-    def layers(self) -> int | None:
-        return self.head.layers if self.head is not None else None
 
     def extract(self, text: str, *, limit: int | None = None) -> Phrases:
         start = time.perf_counter()

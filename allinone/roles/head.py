@@ -54,9 +54,14 @@ class HeadError(ValueError):
     """Unusable head or training data; the message says why."""
 
 
+def rms(hidden: np.ndarray) -> np.ndarray:
+    """Root mean square over the last axis (what `normalise` divides by)."""
+    return np.sqrt(np.mean(np.asarray(hidden, dtype=np.float64) ** 2, axis=-1) + 1e-6)
+
+
 def normalise(hidden: np.ndarray) -> np.ndarray:
     hidden = np.asarray(hidden, dtype=np.float64)
-    return hidden / np.sqrt(np.mean(hidden**2, axis=-1, keepdims=True) + 1e-6)
+    return hidden / rms(hidden)[..., None]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
