@@ -556,7 +556,8 @@ class Assistant:
                 raise InputError("each message needs a role (system, user or assistant) and a string content")
         sampling = sampling or self.completion_sampling()
         tokens = self.chat.template.tokens(messages)
-        if len(tokens) + 1 > self.engine.n_ctx:
-            raise InputError(f"the messages need {len(tokens)} tokens; the context holds {self.engine.n_ctx}")
+        room = self.engine.lane_context_size(Lane.COMPLETION)
+        if len(tokens) + 1 > room:
+            raise InputError(f"the messages need {len(tokens)} tokens; the context holds {room}")
         generation = self.engine.generate(tokens, sampling, lane=Lane.COMPLETION, should_stop=should_stop)
         return TextStream(self.engine.token_bytes, generation, stop=stop), len(tokens)

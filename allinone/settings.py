@@ -81,7 +81,13 @@ class Settings(BaseSettings):
         "longest text fits in far less than a chat, and "
         "this lane's cache stays resident.",
     )
-    batch_size: int = Field(512, ge=8, description="Tokens evaluated per forward pass during prompt prefill.")
+    batch_size: int = Field(
+        128,
+        ge=8,
+        description="Tokens evaluated per forward pass during prompt prefill. The attention scratch "
+        "grows with it times the context in use; larger batches prefill no faster on a CPU "
+        "(docs/benchmarks.md).",
+    )
     sentiment_prompt: str = Field(
         "fewshot",
         description="Name of the sentiment prompt (see `allinone roles`); 'original' is the first recipe's, verbatim.",

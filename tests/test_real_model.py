@@ -233,6 +233,24 @@ def test_respond_flow_and_multi_turn_cache(assistant):
     assert len(conversation.turns) == 2
 
 
+def test_the_plain_context_is_made_only_when_one_of_its_lanes_is_used(settings, default_model_path):
+    """Raw completions and zero-shot roles share a llama.cpp context that the chat and analysis
+    flows never touch: its KV cache (resident once made) comes at its first use, not at load."""
+    from allinone.service import Assistant, Lane
+
+    fresh = Assistant.load(settings)
+    try:
+        plain = fresh.engine._lane_context[Lane.COMPLETION]
+        fresh.analyze_roles("今天终于拿到驾照了,开心到飞起!", ["sentiment", "emotion", "intent", "keywords"])
+        assert fresh.respond(Conversation(), "I lost my keys again.", sampling=Sampling(max_tokens=8)).text()
+        assert not plain.made
+        stream, _ = fresh.complete([{"role": "user", "content": "Say hello."}], sampling=Sampling(max_tokens=8))
+        assert "".join(stream).strip()
+        assert plain.made
+    finally:
+        fresh.engine.close()
+
+
 def test_history_trimming_keeps_system_prompt_and_newest_turns(assistant):
     conversation = Conversation()
     for message in ["第一件事:我丢了钥匙。", "第二件事:我找到了钥匙。", "第三件事:门还是打不开。"]:

@@ -34,7 +34,6 @@ _log_callback = None  # kept referenced: llama.cpp holds the pointer
 # property; the exactness tests run on the repacked default model. Generation still decodes one
 # token per call: chat replies need no bit-equality with a recompute.
 _MIN_EXACT_BATCH = 8
-TAPPED_BATCH_SIZE = 128  # tokens per forward pass in the context that reads hidden states (see below)
 
 
 def chunk_sizes(n: int, batch_size: int) -> list[int]:
@@ -165,6 +164,37 @@ def _init_backend(verbose: bool) -> None:
         _backend_ready = True
 
 
+class _Context:
+    """A llama.cpp context over the engine's weights, made when a lane first needs it. The lanes of
+    the plain context (raw completions, zero-shot roles, the benchmark's extra analyst) are idle in
+    the default chat and analysis flows; its KV cache is zeroed, hence resident, once made, so an
+    idle one would hold that memory for nothing."""
+
+    def __init__(self, make: Callable[[], object], n_ctx: int):
+        self._make = make
+        self._made = None
+        self.n_ctx = n_ctx  # as asked for (llama.cpp may round it up): the same before and after it is made
+
+    @property
+    def made(self) -> bool:
+        return self._made is not None
+
+    @property
+    def live(self):
+        """The llama_cpp context (made now if it was not yet)."""
+        if self._made is None:
+            self._made = self._make()
+        return self._made
+
+    def make(self) -> None:
+        self.live  # noqa: B018 - the property makes it
+
+    def close(self) -> None:
+        if self._made is not None:
+            self._made.close()
+            self._made = None
+
+
 class LlamaCppEngine(Engine):
     def __init__(
         self,
@@ -192,9 +222,8 @@ class LlamaCppEngine(Engine):
         self._tap = _LayerTap(self._model.n_embd())
         self._create_contexts(context_size, batch_size, tapped_context_size, tapped_lanes, threads, verbose)
         self._adapters: dict[Path, object] = {}  # loaded LoRA adapters, by file
-        self._pieces: dict[int, bytes] = {}  # token_bytes, by token
 
-        self.n_ctx = llama_cpp.llama_n_ctx(self._contexts[0].ctx)
+        self.n_ctx = context_size
         self.n_vocab = self._model.n_vocab()
         self.n_layers = llama_cpp.llama_model_n_layer(self._model.model)
         self.hidden_size = self._model.n_embd()
@@ -235,37 +264,43 @@ class LlamaCppEngine(Engine):
         reads its pass or it runs an adapter) in a second tapped one; the others in one without
         the tap. A lane alone in its context can run a LoRA adapter that changes no other lane,
         and never competes with another for KV cells."""
-        params = self._lib.llama_context_default_params()
-        params.n_ctx = context_size
-        params.n_batch = params.n_ubatch = batch_size
-        params.n_seq_max = self.n_lanes
-        # One KV pool shared by a context's lanes: a lane can then reuse another lane's prefix by
-        # reference (llama_memory_seq_cp tags cells, it copies no tensors), and no lane is
-        # limited to n_ctx / n_lanes.
-        params.kv_unified = True
-        # Flash attention off: on this CPU backend its result depends on where a lane's tokens sit
-        # in the KV cells, so cached scores would drift from a full recompute. The plain attention
-        # path is exact.
-        params.flash_attn_type = self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.n_threads = params.n_threads_batch = threads
-        params.embeddings = False
-        plain = self._new_context(params, verbose)
-        # The tapped contexts take shorter forward passes (attention scratch shrinks with them;
-        # texts are short); lane 0's is smaller too (tapped_context_size), because its memory is
-        # resident and a sentiment prompt with its longest text needs far less than a chat.
-        params.cb_eval = self._tap.callback
-        params.n_batch = params.n_ubatch = min(batch_size, TAPPED_BATCH_SIZE)
+
+        def context(n_ctx: int, tapped: bool) -> _Context:
+            params = self._lib.llama_context_default_params()
+            params.n_ctx = n_ctx
+            params.n_batch = params.n_ubatch = batch_size
+            params.n_seq_max = self.n_lanes
+            # One KV pool shared by a context's lanes: a lane can then reuse another lane's prefix
+            # by reference (llama_memory_seq_cp tags cells, it copies no tensors), and no lane is
+            # limited to n_ctx / n_lanes.
+            params.kv_unified = True
+            # Flash attention off: on this CPU backend its result depends on where a lane's tokens
+            # sit in the KV cells, so cached scores would drift from a full recompute. The plain
+            # attention path is exact.
+            params.flash_attn_type = self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            params.n_threads = params.n_threads_batch = threads
+            params.embeddings = False
+            if tapped:
+                params.cb_eval = self._tap.callback
+            return _Context(lambda: self._new_context(params, verbose), n_ctx)
+
+        plain = context(context_size, tapped=False)
         first = chat = None
         if tapped_lanes > 0:
-            params.n_ctx = min(context_size, tapped_context_size)
-            first = self._new_context(params, verbose)
+            # Lane 0's context is smaller (tapped_context_size): a sentiment prompt with its
+            # longest text needs far less than a chat.
+            first = context(min(context_size, tapped_context_size), tapped=True)
         if tapped_lanes > 1:
-            params.n_ctx = context_size
-            chat = self._new_context(params, verbose)
+            chat = context(context_size, tapped=True)
         self._contexts = [c for c in (plain, first, chat) if c is not None]
         self._lane_context = [
             first if lane == 0 and first else chat if lane < tapped_lanes else plain for lane in range(self.n_lanes)
         ]
+        # The tapped contexts are made now: a bad size or too little memory fails at load, not at
+        # the first message.
+        for tapped in (first, chat):
+            if tapped is not None:
+                tapped.make()
         self.tapped_lanes = tapped_lanes
 
     def _new_context(self, params, verbose: bool):
@@ -301,16 +336,13 @@ class LlamaCppEngine(Engine):
         return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def token_bytes(self, token: int) -> bytes:
-        # Kept per engine (at most one entry per vocabulary row): streaming asks for the same
-        # pieces over and over, and a cache on the method would keep every engine alive.
-        piece = self._pieces.get(token)
-        if piece is None:
-            buf = ctypes.create_string_buffer(256)
-            n = self._lib.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, True)
-            if n < 0:
-                raise EngineError(f"token {token} does not fit in the piece buffer")
-            piece = self._pieces[token] = buf.raw[:n]
-        return piece
+        # Not cached: a ctypes call costs microseconds, while a cache filled by one pass over the
+        # vocabulary (the reply's script guard) would hold every piece as a Python object.
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            raise EngineError(f"token {token} does not fit in the piece buffer")
+        return buf.raw[:n]
 
     @property
     def eog_tokens(self) -> frozenset[int]:
@@ -353,10 +385,10 @@ class LlamaCppEngine(Engine):
                 raise EngineError(f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}")
             self._adapters[path] = adapter
         if path is None:
-            code = self._lib.llama_set_adapters_lora(context.ctx, None, 0, None)
+            code = self._lib.llama_set_adapters_lora(context.live.ctx, None, 0, None)
         else:
             adapters = (self._lib.llama_adapter_lora_p_ctypes * 1)(self._adapters[path])
-            code = self._lib.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+            code = self._lib.llama_set_adapters_lora(context.live.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         if code != 0:
             raise EngineError(f"llama.cpp refused the LoRA adapter {path} (code {code})")
         if path is None:
@@ -380,30 +412,33 @@ class LlamaCppEngine(Engine):
 
     # ---- KV primitives ----------------------------------------------------------------------
     def _kv_truncate(self, lane: int, keep: int) -> None:
-        if not self._lib.llama_memory_seq_rm(self._lane_context[lane].memory, lane, keep, -1):
+        context = self._lane_context[lane]
+        if not context.made:
+            return  # nothing cached yet
+        if not self._lib.llama_memory_seq_rm(context.live.memory, lane, keep, -1):
             raise EngineError(f"llama.cpp refused to truncate lane {lane} at {keep}")
 
     def lane_context_size(self, lane: int) -> int:
-        return self._lib.llama_n_ctx(self._lane_context[lane].ctx)
+        return self._lane_context[lane].n_ctx
 
     def can_share(self, src: int, dst: int) -> bool:
         return self._lane_context[src] is self._lane_context[dst]
 
     def _kv_share(self, src: int, dst: int, n: int) -> None:
-        self._lib.llama_memory_seq_cp(self._lane_context[src].memory, src, dst, 0, n)
+        self._lib.llama_memory_seq_cp(self._lane_context[src].live.memory, src, dst, 0, n)
 
     def _adjust_reuse(self, reuse: int, total: int) -> int:
         return min(reuse, max(0, total - _MIN_EXACT_BATCH))
 
     def _decode(self, lane: int, tokens: Sequence[int], start: int) -> np.ndarray:
         self._feed(lane, tokens, start)
-        logits = self._lib.llama_get_logits_ith(self._lane_context[lane].ctx, -1)
+        logits = self._lib.llama_get_logits_ith(self._lane_context[lane].live.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 
     def _feed(self, lane: int, tokens: Sequence[int], start: int, logits: bool = True) -> None:
         """llama_decode the tokens in chunks, requesting output for the very last one only (for
         none without `logits`)."""
-        context = self._lane_context[lane]
+        context = self._lane_context[lane].live
         n_ctx = self._lib.llama_n_ctx(context.ctx)
         if start + len(tokens) > n_ctx:
             raise ContextOverflow(f"{start + len(tokens)} tokens do not fit in the context of {n_ctx}")
@@ -461,14 +496,14 @@ class LlamaCppEngine(Engine):
 
     def _decode_batch(self, lane: int) -> None:
         context = self._lane_context[lane]
-        code = self._lib.llama_decode(context.ctx, self._batch)
+        code = self._lib.llama_decode(context.live.ctx, self._batch)
         if code == 1:
             # No free KV cells: other lanes hold the space. Drop them (their owners recompute
             # on their next request) and try once more.
             for other in range(self.n_lanes):
                 if other != lane and self._lane_context[other] is context:
                     self.forget(other)
-            code = self._lib.llama_decode(context.ctx, self._batch)
+            code = self._lib.llama_decode(context.live.ctx, self._batch)
         if code != 0:
             raise EngineError(f"llama_decode failed with code {code}")
 
