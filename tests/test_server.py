@@ -71,6 +71,15 @@ def test_health_models_and_metrics(server):
         "allinone_generated_tokens_total",
     ):
         assert name in text
+    memory = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(("process_resident_memory_bytes ", "allinone_peak_resident_memory_bytes "))
+    }
+    # the model's weights alone are ~470 MiB: a figure below that is not this process's memory; the
+    # peak is read first, and rendering the page may take a few more pages
+    resident, peak = memory["process_resident_memory_bytes"], memory["allinone_peak_resident_memory_bytes"]
+    assert 400 * 2**20 < resident < peak + 2**20
 
 
 def test_sentiment_single_and_batch(server):

@@ -16,9 +16,9 @@ QUICK_CHAT_MESSAGES = 10
 
 
 def cmd_bench(args, settings: Settings) -> int:
-    from ..evaluation.bench import rss_mb
     from ..evaluation.benchmark import BenchError, BenchOptions, run_bench, spread_evenly
     from ..evaluation.data import DataError, load_labelled, read_jsonl
+    from ..machine import rss_mb
     from ..service import discover_roles, mood_role
 
     texts = Path(args.texts) if args.texts else DEFAULT_TEXTS

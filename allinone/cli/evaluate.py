@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ..evaluation.bench import peak_rss_mb
+from ..machine import peak_rss_mb
 from ..settings import Settings
 from .common import CliError, load_assistant, progress_bar, warn
 
@@ -431,6 +431,7 @@ def cmd_eval_chat(args, settings: Settings) -> int:
             report, rows = chat_eval.evaluate_conversations(assistant, items, bar.update)
         else:
             report, rows = chat_eval.evaluate_messages(assistant, items, bar.update)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
             for row in rows:
@@ -458,6 +459,7 @@ def cmd_eval_chat(args, settings: Settings) -> int:
         )
     for kind, count in report["failures"].items():
         print(f"  {kind:<18} {count:4d}  ({report['failure_share'][kind]:.1%} of replies)")
+    print(f"peak RSS {report['peak_rss_mb']:.0f} MB")
     return 0
 
 

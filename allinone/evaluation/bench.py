@@ -6,7 +6,6 @@ them text by text, makes their ratio trustworthy even when absolute numbers move
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,18 +24,6 @@ class BaselineResult:
 def label_from_generated(text: str) -> BaselineResult:
     """The original recipe's rule: positive when "Positive" appears in the generated text."""
     return BaselineResult(label="positive" if "Positive" in text else "negative")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def compare_methods(

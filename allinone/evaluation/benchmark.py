@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..conversation.history import Conversation
+from ..machine import peak_rss_mb, rss_mb
 from ..model.store import ModelError, resolve_model_path
 from ..roles.choice import ChoiceRole
 from ..service import Lane
-from .bench import compare_methods, peak_rss_mb, rss_mb
+from .bench import compare_methods
 from .metrics import percentile
 from .raw import stream_timing
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from ..conversation.store import SessionStore
+from ..machine import peak_rss_mb, rss_mb
 from ..settings import Settings
 from .context import Server
 from .errors import ERROR_RESPONSES, install_error_handlers
@@ -74,6 +75,12 @@ def create_app(assistant, settings: Settings, *, store: SessionStore | None = No
     metrics.gauge("allinone_queue_size", "Capacity of the wait queue.", lambda: worker.queue_size)
     metrics.gauge("allinone_worker_busy", "1 while the model is computing.", lambda: int(worker.busy()))
     metrics.gauge("allinone_worker_alive", "1 while the inference worker runs.", lambda: int(worker.alive()))
+    metrics.gauge("process_resident_memory_bytes", "Resident memory of this process.", lambda: rss_mb() * 2**20)
+    metrics.gauge(
+        "allinone_peak_resident_memory_bytes",
+        "The most resident memory this process has held.",
+        lambda: peak_rss_mb() * 2**20,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
