@@ -370,7 +370,7 @@ class Assistant:
             if shared is None:
                 shared = analysis_pass()
                 start = time.perf_counter()
-            probs = head.probabilities(shared[0])
+            probs = head.probabilities(shared[0], text)
             ms = shared[2] + (time.perf_counter() - start) * 1000
             results[role.name] = Choice.from_probabilities(role.label_names, probs, ms, shared[1])
         return results

@@ -16,8 +16,8 @@ MAY_USE = {
     "model": {"engine"},
     "roles": {"engine", "conversation"},
     "service": {"roles", "conversation", "engine", "model", "settings"},
-    "server": {"roles", "conversation", "engine", "settings"},
-    "evaluation": {"service", "roles", "conversation", "engine", "model", "settings"},
+    "server": {"roles", "conversation", "engine", "settings", "machine"},
+    "evaluation": {"service", "roles", "conversation", "engine", "model", "settings", "machine"},
     "scale": {"server", "service", "conversation", "settings", "machine"},
     "cli": {
         *("scale", "server", "evaluation", "service", "roles", "conversation", "engine", "model", "settings"),

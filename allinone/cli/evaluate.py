@@ -323,6 +323,7 @@ def cmd_train_head(args, settings: Settings) -> int:
                 # Other roles read the whole text (what it is about); the mood's heads keep their
                 # scoring position alone, as the shipped ones do.
                 pooling="last" if role is mood else "last+mean",
+                ngrams=role is not mood and args.ngrams,
             )
         except HeadError as err:
             raise CliError(str(err)) from None
@@ -336,6 +337,11 @@ def cmd_train_head(args, settings: Settings) -> int:
         f"held-out accuracy on {report['heldout']} of {report['examples']} texts: head "
         f"{report['heldout_accuracy_head']:.3f}"
         + (f", prompt alone {prompt_alone:.3f}" if prompt_alone is not None else "")
+        + (
+            f", hidden state alone {report['heldout_accuracy_hidden_alone']:.3f}"
+            if "heldout_accuracy_hidden_alone" in report
+            else ""
+        )
         + f" (after block {report['layers']}, L2 {report['l2']:g}; {report['seconds']:.0f} s)"
     )
     if on_chat_lane:
@@ -542,6 +548,13 @@ def register(command) -> None:
         help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
         "depth, 15 of 24 for the default model, where the analyst's pass stops; lower is faster, "
         "higher may be more accurate; for --role chat the last block but one, free there)",
+    )
+    p.add_argument(
+        "--no-ngrams",
+        dest="ngrams",
+        action="store_false",
+        help="a head of a role other than the mood reads the hidden state alone (by default it also "
+        "carries a model of the texts' character and word n-grams, mixed with it: docs/roles.md)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -83,7 +83,8 @@ POOLING = "last+mean"
 
 def cache_key(model_sha: str, point: str, layers: int, role: RoleDefinition, rows: Sequence[dict]) -> str:
     digest = hashlib.sha256()
-    for part in (model_sha, point, str(layers), POOLING, role.fingerprint(), f"head format {HEAD_FORMAT}"):
+    parts = (model_sha, point, str(layers), POOLING, "with n-grams", role.fingerprint(), f"head format {HEAD_FORMAT}")
+    for part in parts:
         digest.update(part.encode() + b"\0")
     for row in rows:
         digest.update(row["text"].encode() + b"\0" + row["label"].encode() + b"\0")
@@ -129,6 +130,7 @@ def heads_for_sources(
                 progress=progress,
                 source=source,
                 pooling=POOLING,
+                ngrams=True,
             )
             head.save(directory)
         elif progress:

@@ -239,7 +239,7 @@ class ChoiceRole:
         of them it prefers."""
         if self.head is not None and use_head:
             hidden, truncated = self.hidden_state(text)
-            return self.head.probabilities(hidden), truncated
+            return self.head.probabilities(hidden, text), truncated
         logprobs, truncated = self.label_logprobs(text)
         return softmax(logprobs), truncated
 

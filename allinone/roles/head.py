@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .ngrams import NgramModel, mix
+
 HEAD_FORMAT = 4  # 4: a row per label and the label list; 3 added the adapter; 2 and 3 are two-label
 # The heads that ship with the package; a head the user trains lives in <home>/heads and wins.
 PACKAGED_HEADS = Path(__file__).with_name("heads")
@@ -116,6 +118,8 @@ class ChoiceHead:
     pooling: str = "last"  # one of POOLINGS
     info: dict = field(default_factory=dict)  # how it was trained: data, sizes, held-out accuracy
     adapter: Path | None = None  # LoRA adapter GGUF trained with the head, applied to its passes
+    # A second reader on the text's own n-grams (roles/ngrams.py); None: the hidden state alone.
+    ngrams: NgramModel | None = None
 
     def __post_init__(self):
         self.weights = np.atleast_2d(np.asarray(self.weights, dtype=np.float64))
@@ -162,6 +166,8 @@ class ChoiceHead:
             "bias": [float(x) for x in self.bias],
             "weights": [[float(x) for x in row] for row in self.weights],
         }
+        if self.ngrams is not None:
+            payload["ngrams"] = self.ngrams.to_json()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1))
         tmp.replace(path)
@@ -190,6 +196,12 @@ class ChoiceHead:
                     raise HeadError(f"{path}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
             else:
                 labels, role, point, pooling = (), None, payload["prompt"], "last"
+            ngrams = None
+            if payload.get("ngrams") is not None:
+                try:
+                    ngrams = NgramModel.from_json(payload["ngrams"], len(labels))
+                except (ValueError, KeyError, TypeError) as err:
+                    raise HeadError(f"{path}: its n-gram model is broken ({err})") from None
             return cls(
                 model_sha256=payload["model_sha256"],
                 point=point,
@@ -201,6 +213,7 @@ class ChoiceHead:
                 pooling=pooling,
                 info=payload.get("info", {}),
                 adapter=adapter,
+                ngrams=ngrams,
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             if isinstance(err, HeadError):
@@ -251,9 +264,15 @@ class ChoiceHead:
                 f"a model with {n_layers} blocks of width {n_embd}"
             )
 
-    def probabilities(self, hidden: np.ndarray) -> np.ndarray:
-        """Over the head's labels, in their order; `hidden`: a pass's [hidden] or [last, mean]."""
-        return softmax(self.weights @ head_features(hidden, self.pooling) + self.bias)
+    def probabilities(self, hidden: np.ndarray, text: str | None = None) -> np.ndarray:
+        """Over the head's labels, in their order; `hidden`: a pass's [hidden] or [last, mean].
+        A head with an n-gram model mixes in its reading of `text` (required then)."""
+        probs = softmax(self.weights @ head_features(hidden, self.pooling) + self.bias)
+        if self.ngrams is None:
+            return probs
+        if text is None:
+            raise HeadError(f"head {self.point}.{self.role} also reads the text's n-grams: pass the text")
+        return mix(probs, self.ngrams.logits([text])[0])
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -400,11 +419,14 @@ def train_head(
     progress: Callable[[int], None] | None = None,
     source: str = "",
     pooling: str = "last",
+    ngrams: bool = False,
 ) -> tuple[ChoiceHead, dict]:
     """Fit a head for the role's `label_names` on texts/labels. A stratified `holdout` share is kept
     aside first to report honest accuracy (head vs the prompt alone, when the point has one: one
     scoring pass per held-out text); the head returned is then refitted on everything. `progress`
-    is called once per text read, then once per held-out text scored."""
+    is called once per text read, then once per held-out text scored. `ngrams`: the head also
+    carries a model of the texts' n-grams (roles/ngrams.py), mixed with its reading of the hidden
+    state; the report gives the held-out accuracy of the hidden state alone beside it."""
     check_training_labels(labels, label_names)
     started = time.perf_counter()
     n_layers = point.engine.n_layers
@@ -416,7 +438,14 @@ def train_head(
     y = np.array([index[x] for x in labels])
     held = stratified_holdout(y, holdout, seed)
     split = train_parameters(features[~held], y[~held], len(label_names), seed=seed)
-    head_right = np.argmax(features[held] @ split.weights.T + split.bias, axis=1) == y[held]
+    held_logits = features[held] @ split.weights.T + split.bias
+    hidden_right = np.argmax(held_logits, axis=1) == y[held]
+    head_right = hidden_right
+    if ngrams:
+        texts_of = np.asarray(texts, dtype=object)
+        split_ngrams = NgramModel.fit(list(texts_of[~held]), y[~held], len(label_names))
+        mixed = mix(softmax(held_logits), split_ngrams.logits(list(texts_of[held])))
+        head_right = np.argmax(mixed, axis=1) == y[held]
     prompt_right = []
     for i in np.flatnonzero(held) if point.prompt_alone else ():
         prompt_right.append(int(np.argmax(point.prompt_alone(texts[i]))) == y[i])
@@ -429,6 +458,8 @@ def train_head(
         "heldout_accuracy_head": float(np.mean(head_right)),
         "heldout_accuracy_prompt": float(np.mean(prompt_right)) if prompt_right else None,
     }
+    if ngrams:
+        report["heldout_accuracy_hidden_alone"] = float(np.mean(hidden_right))
     # The strength the split chose: a second search over all the texts would cost as much again.
     final = train_parameters(features, y, len(label_names), seed=seed, l2=split.l2)
     report["l2"] = final.l2
@@ -444,5 +475,6 @@ def train_head(
         role=role,
         pooling=pooling,
         info=info,
+        ngrams=NgramModel.fit(texts, y, len(label_names)) if ngrams else None,
     )
     return head, report

@@ -1,0 +1,111 @@
+"""A head's second reader: the text's own n-grams (TF-IDF and logistic regression).
+
+The residual stream of a 0.5B model knows what a text is about, but a label set like KUAKE-QIC's
+medical query types turns on surface words (`怎么办`, `多少钱`, `是什么`) that character n-grams
+catch directly. A choice head may carry such a model beside its weights on the hidden state; it
+answers with the normalised geometric mean of the two models' probabilities. Nothing here needs
+the model: the n-grams come from the text, the weights from numpy.
+
+Grams per text, by its language: Chinese, characters 1-3; English (and other space-separated
+scripts), words 1-2 and characters 2-5 within the padded text. Weights: raw counts times smoothed
+IDF, each row scaled to unit length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .language import detect_language
+
+# L2 strength of the n-gram model in fit_softmax's units (1/C of the usual C=10), and in how many
+# training texts a gram must occur to be kept: every one (grams seen once still tell apart
+# KUAKE-QIC's query types; docs/roles.md has the measurement).
+NGRAM_L2 = 0.1
+MIN_DOCUMENT_FREQUENCY = 1
+
+
+def grams(text: str) -> list[str]:
+    text = text.lower()
+    if detect_language(text) == "zh":
+        return [text[i : i + n] for n in (1, 2, 3) for i in range(len(text) - n + 1)]
+    words = text.split()
+    padded = f" {' '.join(words)} "
+    return (
+        words
+        + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+        + [f"#{padded[i : i + n]}" for n in (2, 3, 4, 5) for i in range(len(padded) - n + 1)]
+    )
+
+
+@dataclass
+class NgramModel:
+    vocabulary: dict[str, int]  # gram -> column
+    idf: np.ndarray  # [grams]
+    weights: np.ndarray  # [labels, grams]
+    bias: np.ndarray  # [labels]
+
+    def features(self, texts: Sequence[str]) -> np.ndarray:
+        x = np.zeros((len(texts), len(self.vocabulary)))
+        for row, text in enumerate(texts):
+            for gram, count in Counter(grams(text)).items():
+                column = self.vocabulary.get(gram)
+                if column is not None:
+                    x[row, column] = count * self.idf[column]
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        return self.features(texts) @ self.weights.T + self.bias
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], y: np.ndarray, n_labels: int) -> NgramModel:
+        from .head import fit_softmax
+
+        counts = [Counter(grams(text)) for text in texts]
+        frequency = Counter(gram for c in counts for gram in c)
+        kept = sorted(gram for gram, n in frequency.items() if n >= MIN_DOCUMENT_FREQUENCY)
+        vocabulary = {gram: i for i, gram in enumerate(kept)}
+        idf = np.array([math.log((1 + len(texts)) / (1 + frequency[gram])) + 1 for gram in kept])
+        model = cls(vocabulary, idf, np.zeros((n_labels, len(kept))), np.zeros(n_labels))
+        w = fit_softmax(model.features(texts), y, n_labels, NGRAM_L2)
+        model.weights, model.bias = w[:-1].T.copy(), w[-1].copy()
+        return model
+
+    def to_json(self) -> dict:
+        grams_in_order = sorted(self.vocabulary, key=self.vocabulary.get)
+        return {
+            "grams": grams_in_order,
+            "idf": [round(float(x), 5) for x in self.idf],
+            "bias": [float(x) for x in self.bias],
+            "weights": [[round(float(x), 5) for x in row] for row in self.weights],
+        }
+
+    @classmethod
+    def from_json(cls, payload: dict, n_labels: int) -> NgramModel:
+        grams_in_order = list(payload["grams"])
+        model = cls(
+            {gram: i for i, gram in enumerate(grams_in_order)},
+            np.asarray(payload["idf"], dtype=np.float64),
+            np.atleast_2d(np.asarray(payload["weights"], dtype=np.float64)),
+            np.asarray(payload["bias"], dtype=np.float64),
+        )
+        shapes = (len(model.idf), *model.weights.shape, len(model.bias))
+        if shapes != (len(grams_in_order), n_labels, len(grams_in_order), n_labels):
+            raise ValueError(
+                f"n-gram model shapes {shapes} do not match {len(grams_in_order)} grams, {n_labels} labels"
+            )
+        return model
+
+
+def mix(head_probabilities: np.ndarray, ngram_logits: np.ndarray) -> np.ndarray:
+    """The normalised geometric mean of the hidden-state head's and the n-gram model's probabilities."""
+    z = ngram_logits - ngram_logits.max(axis=-1, keepdims=True)
+    log_ngram = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    log_mix = 0.5 * np.log(np.asarray(head_probabilities) + 1e-12) + 0.5 * log_ngram
+    log_mix -= log_mix.max(axis=-1, keepdims=True)
+    p = np.exp(log_mix)
+    return p / p.sum(axis=-1, keepdims=True)
