@@ -97,3 +97,14 @@ def test_a_head_with_ngrams_reports_both_readers_and_round_trips(tmp_path):
     path.write_text(json.dumps(payload))
     with pytest.raises(HeadError, match="n-gram model is broken"):
         ChoiceHead.load(path)
+
+
+def test_fit_softmax_gives_the_same_weights_on_a_sparse_matrix():
+    from scipy import sparse
+
+    from allinone.roles.head import fit_softmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)) * (rng.random((60, 8)) < 0.3)
+    y = rng.integers(0, 3, size=60)
+    assert np.allclose(fit_softmax(sparse.csr_matrix(x), y, 3, 0.1), fit_softmax(x, y, 3, 0.1), atol=1e-5)

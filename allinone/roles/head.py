@@ -279,9 +279,17 @@ class ChoiceHead:
 def fit_softmax(x: np.ndarray, y: np.ndarray, n_labels: int, l2: float, start: np.ndarray | None = None) -> np.ndarray:
     """L2-regularised multinomial logistic regression on standardised features (scipy's L-BFGS: it
     converges in a few hundred cheap steps whatever the features' conditioning). Returns weights
-    [width + 1, labels], the intercept last (not penalised)."""
+    [width + 1, labels], the intercept last (not penalised). `x` may be a scipy sparse matrix."""
+    # Imported here, not at the top: scipy adds ~50 MB to a process that only answers (serve,
+    # analyze), and only training fits anything.
+    from scipy import sparse
+    from scipy.optimize import minimize
+
     n, width = x.shape
-    xb = np.hstack([x, np.ones((n, 1))])
+    if sparse.issparse(x):
+        xb = sparse.hstack([x, np.ones((n, 1))]).tocsr()
+    else:
+        xb = np.hstack([x, np.ones((n, 1))])
     target = np.eye(n_labels)[y]
     penalty = np.append(np.full(width, l2 / n), 0.0)[:, None]
 
@@ -294,10 +302,6 @@ def fit_softmax(x: np.ndarray, y: np.ndarray, n_labels: int, l2: float, start: n
         return loss, gradient.ravel()
 
     w0 = np.zeros((width + 1) * n_labels) if start is None else start.ravel()
-    # Imported here, not at the top: scipy.optimize adds ~50 MB to a process that only answers
-    # (serve, analyze), and only training fits anything.
-    from scipy.optimize import minimize
-
     result = minimize(loss_and_gradient, w0, jac=True, method="L-BFGS-B", options={"maxiter": 500})
     return result.x.reshape(width + 1, n_labels)
 

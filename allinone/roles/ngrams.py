@@ -49,20 +49,25 @@ class NgramModel:
     weights: np.ndarray  # [labels, grams]
     bias: np.ndarray  # [labels]
 
-    def features(self, texts: Sequence[str]) -> np.ndarray:
-        x = np.zeros((len(texts), len(self.vocabulary)))
-        for row, text in enumerate(texts):
-            for gram, count in Counter(grams(text)).items():
-                column = self.vocabulary.get(gram)
-                if column is not None:
-                    x[row, column] = count * self.idf[column]
-        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+    def rows(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's TF-IDF row, sparse: (columns, values), of unit length."""
+        found = []
+        for text in texts:
+            counts = Counter(grams(text))
+            columns = np.array([self.vocabulary[g] for g in counts if g in self.vocabulary], dtype=np.int64)
+            values = np.array([counts[g] for g in counts if g in self.vocabulary], dtype=np.float64)
+            values = values * self.idf[columns]
+            found.append((columns, values / (np.linalg.norm(values) + 1e-12)))
+        return found
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        return self.features(texts) @ self.weights.T + self.bias
+        return np.array([self.weights[:, c] @ v + self.bias for c, v in self.rows(texts)]).reshape(-1, len(self.bias))
 
     @classmethod
     def fit(cls, texts: Sequence[str], y: np.ndarray, n_labels: int) -> NgramModel:
+        # Imported here: scipy is for training only (see head.fit_softmax).
+        from scipy import sparse
+
         from .head import fit_softmax
 
         counts = [Counter(grams(text)) for text in texts]
@@ -71,7 +76,17 @@ class NgramModel:
         vocabulary = {gram: i for i, gram in enumerate(kept)}
         idf = np.array([math.log((1 + len(texts)) / (1 + frequency[gram])) + 1 for gram in kept])
         model = cls(vocabulary, idf, np.zeros((n_labels, len(kept))), np.zeros(n_labels))
-        w = fit_softmax(model.features(texts), y, n_labels, NGRAM_L2)
+        rows = model.rows(texts)
+        # Sparse: a dense matrix of the training texts' grams takes hundreds of MB (50k grams).
+        x = sparse.csr_matrix(
+            (
+                np.concatenate([v for _, v in rows]),
+                np.concatenate([c for c, _ in rows]),
+                np.cumsum([0] + [len(c) for c, _ in rows]),
+            ),
+            shape=(len(texts), len(kept)),
+        )
+        w = fit_softmax(x, y, n_labels, NGRAM_L2)
         model.weights, model.bias = w[:-1].T.copy(), w[-1].copy()
         return model
 
