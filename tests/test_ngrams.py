@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from allinone.roles.head import ChoiceHead, HeadError, train_head
-from allinone.roles.ngrams import NgramModel, grams, mix
+from allinone.roles.head import ChoiceHead, HeadError, mix, train_head
+from allinone.roles.ngrams import NgramModel, grams
 from tests.fake_engine import FakeEngine, make_analyst
 
 

@@ -179,15 +179,15 @@ class _Context:
     def made(self) -> bool:
         return self._made is not None
 
-    @property
-    def live(self):
+    def make(self):
         """The llama_cpp context (made now if it was not yet)."""
         if self._made is None:
             self._made = self._make()
         return self._made
 
-    def make(self) -> None:
-        self.live  # noqa: B018 - the property makes it
+    @property
+    def live(self):
+        return self.make()
 
     def close(self) -> None:
         if self._made is not None:

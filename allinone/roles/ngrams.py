@@ -3,7 +3,7 @@
 The residual stream of a 0.5B model knows what a text is about, but a label set like KUAKE-QIC's
 medical query types turns on surface words (`怎么办`, `多少钱`, `是什么`) that character n-grams
 catch directly. A choice head may carry such a model beside its weights on the hidden state; it
-answers with the normalised geometric mean of the two models' probabilities. Nothing here needs
+answers with the normalised geometric mean of the two models' probabilities (head.mix). Nothing here needs
 the model: the n-grams come from the text, the weights from numpy.
 
 Grams per text, by its language: Chinese, characters 1-3; English (and other space-separated
@@ -49,19 +49,16 @@ class NgramModel:
     weights: np.ndarray  # [labels, grams]
     bias: np.ndarray  # [labels]
 
-    def rows(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each text's TF-IDF row, sparse: (columns, values), of unit length."""
-        found = []
-        for text in texts:
-            counts = Counter(grams(text))
-            columns = np.array([self.vocabulary[g] for g in counts if g in self.vocabulary], dtype=np.int64)
-            values = np.array([counts[g] for g in counts if g in self.vocabulary], dtype=np.float64)
-            values = values * self.idf[columns]
-            found.append((columns, values / (np.linalg.norm(values) + 1e-12)))
-        return found
+    def row(self, counts: Counter) -> tuple[np.ndarray, np.ndarray]:
+        """A text's TF-IDF row from its gram counts, sparse: (columns, values), of unit length."""
+        known = [g for g in counts if g in self.vocabulary]
+        columns = np.array([self.vocabulary[g] for g in known], dtype=np.int64)
+        values = np.array([counts[g] for g in known], dtype=np.float64) * self.idf[columns]
+        return columns, values / (np.linalg.norm(values) + 1e-12)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        return np.array([self.weights[:, c] @ v + self.bias for c, v in self.rows(texts)]).reshape(-1, len(self.bias))
+        rows = [self.row(Counter(grams(text))) for text in texts]
+        return np.array([self.weights[:, c] @ v + self.bias for c, v in rows]).reshape(-1, len(self.bias))
 
     @classmethod
     def fit(cls, texts: Sequence[str], y: np.ndarray, n_labels: int) -> NgramModel:
@@ -76,7 +73,7 @@ class NgramModel:
         vocabulary = {gram: i for i, gram in enumerate(kept)}
         idf = np.array([math.log((1 + len(texts)) / (1 + frequency[gram])) + 1 for gram in kept])
         model = cls(vocabulary, idf, np.zeros((n_labels, len(kept))), np.zeros(n_labels))
-        rows = model.rows(texts)
+        rows = [model.row(c) for c in counts]
         # Sparse: a dense matrix of the training texts' grams takes hundreds of MB (50k grams).
         x = sparse.csr_matrix(
             (
@@ -114,13 +111,3 @@ class NgramModel:
                 f"n-gram model shapes {shapes} do not match {len(grams_in_order)} grams, {n_labels} labels"
             )
         return model
-
-
-def mix(head_probabilities: np.ndarray, ngram_logits: np.ndarray) -> np.ndarray:
-    """The normalised geometric mean of the hidden-state head's and the n-gram model's probabilities."""
-    z = ngram_logits - ngram_logits.max(axis=-1, keepdims=True)
-    log_ngram = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    log_mix = 0.5 * np.log(np.asarray(head_probabilities) + 1e-12) + 0.5 * log_ngram
-    log_mix -= log_mix.max(axis=-1, keepdims=True)
-    p = np.exp(log_mix)
-    return p / p.sum(axis=-1, keepdims=True)
