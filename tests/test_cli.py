@@ -393,6 +393,141 @@ def test_a_role_added_by_a_file_alone_answers_zero_shot_then_learns_from_its_exa
     assert [line["id"] for line in lines] == [0, 1] and "label" not in lines[0]
 
 
+LABEL_MANIFEST = {
+    "Shop-EN": [
+        {"label": "refund", "description": "the customer wants money back"},
+        {"label": "delivery", "description": "where the parcel is, or when it arrives"},
+        {"label": "praise", "description": "the customer is happy with the product"},
+    ],
+    "Clinic-ZH": [
+        {"label": "booking", "description": "预约挂号,改约或取消"},
+        {"label": "symptom", "description": "描述身体不适,问是什么病"},
+        {"label": "cost", "description": "问费用、医保报销"},
+    ],
+}
+LABEL_SET_TRAIN = {
+    ("Shop-EN", "refund"): [
+        "I want my money back for this broken kettle.",
+        "Please refund my order, it never worked.",
+        "How do I get a refund for the jacket?",
+        "Can you return the money to my card?",
+        "I returned the shoes last week, where is my refund?",
+        "Cancel the order and refund me please.",
+        "The blender is faulty, I'd like a full refund.",
+        "I was charged twice, give me one payment back.",
+    ],
+    ("Shop-EN", "delivery"): [
+        "Where is my parcel? It has been ten days.",
+        "When will my order arrive?",
+        "The tracking number shows nothing.",
+        "My package says delivered but it is not here.",
+        "Can you ship it to my office instead?",
+        "How long does shipping to Canada take?",
+        "The courier never came today.",
+        "Is express delivery available for this item?",
+    ],
+    ("Shop-EN", "praise"): [
+        "I love this lamp, it looks beautiful.",
+        "Great quality, my kids adore the toy.",
+        "The headphones sound amazing, thank you!",
+        "Best purchase I made this year.",
+        "Wonderful coffee maker, works perfectly.",
+        "The dress fits perfectly and feels soft.",
+        "Really happy with this backpack.",
+        "Excellent knife, very sharp and well made.",
+    ],
+    ("Clinic-ZH", "booking"): [
+        "我想预约明天上午的内科门诊。",
+        "周五的专家号还能挂吗?",
+        "帮我把下周二的预约改到周四。",
+        "我要取消明天的挂号。",
+        "怎么在网上挂儿科的号?",
+        "皮肤科最早什么时候可以约?",
+        "能帮我约一个牙科复诊吗?",
+        "挂号要提前几天?",
+    ],
+    ("Clinic-ZH", "symptom"): [
+        "我头疼了三天,还有点发烧。",
+        "孩子一直咳嗽,晚上睡不好,是怎么回事?",
+        "最近胃经常胀痛,吃完饭更厉害。",
+        "膝盖走路的时候很疼,是关节炎吗?",
+        "嗓子疼,吞东西都困难。",
+        "皮肤起了很多红疹子,很痒。",
+        "我总是失眠,白天头晕。",
+        "胸口闷,喘不上气,需要担心吗?",
+    ],
+    ("Clinic-ZH", "cost"): [
+        "做一次胃镜要多少钱?",
+        "这个药医保能报销吗?",
+        "住院押金要交多少?",
+        "体检套餐的价格是多少?",
+        "拔牙的费用大概多少?",
+        "异地医保可以在这里结算吗?",
+        "核磁共振检查贵不贵?",
+        "门诊费用能用医保卡支付吗?",
+    ],
+}
+LABEL_SET_DEV = {
+    ("Shop-EN", "refund"): ["The toaster burnt out, I want my money returned.", "Please give me a refund for the mug."],
+    ("Shop-EN", "delivery"): ["My order still has not shipped.", "When does the parcel get to Berlin?"],
+    ("Shop-EN", "praise"): ["This chair is fantastic and comfy.", "Lovely teapot, I'm delighted."],
+    ("Clinic-ZH", "booking"): ["我想约下周一的眼科号。", "能不能改一下明天的挂号时间?"],
+    ("Clinic-ZH", "symptom"): ["我肚子疼,还拉肚子。", "最近老是咳嗽,还有痰。"],
+    ("Clinic-ZH", "cost"): ["做个CT要花多少钱?", "这个手术医保报多少?"],
+}
+
+
+def label_set_rows(texts: dict) -> list[dict]:
+    return [
+        {"text": text, "label": label, "source": source, "lang": "zh" if source.endswith("ZH") else "en"}
+        for (source, label), items in texts.items()
+        for text in items
+    ]
+
+
+@pytest.mark.slow
+def test_eval_against_a_label_manifest_trains_a_head_per_source_once_and_scores_zero_shot(cli_env, tmp_path):
+    """`eval --labels`: each row against its own source's labels; with --train a head per source is
+    fitted first and cached by content (the second run trains nothing and answers the same);
+    without it, zero-shot from the names and descriptions."""
+    env = home_with_models(tmp_path, cli_env)
+    manifest, train, dev = tmp_path / "labels.json", tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    manifest.write_text(json.dumps(LABEL_MANIFEST, ensure_ascii=False), encoding="utf-8")
+    write_jsonl(train, label_set_rows(LABEL_SET_TRAIN))
+    write_jsonl(dev, label_set_rows(LABEL_SET_DEV))
+    command = ["eval", str(dev), "--labels", str(manifest), "--train", str(train), "--json"]
+    code, out, err = run(command, env)
+    assert code == 0, err
+    assert err.count("training a head for") == 2, err
+    first = json.loads(out)
+    assert first["method"] == "head" and first["n"] == 12
+    assert set(first["by_source"]) == {"Shop-EN", "Clinic-ZH"} and set(first["by_lang"]) == {"en", "zh"}
+    assert {"accuracy", "macro_f1", "latency_ms"} <= set(first) and "confusion" not in first
+    assert first["latency_ms"]["p50"] <= first["latency_ms"]["p95"]
+    assert first["accuracy"] >= 10 / 12, first
+    assert list((tmp_path / "home" / "heads" / "cache").iterdir()), "the heads are cached"
+
+    code, out, err = run(command, env)
+    assert code == 0, err
+    assert "training a head" not in err
+    again = json.loads(out)
+    assert again["accuracy"] == first["accuracy"] and again["by_source"] == first["by_source"]
+
+    code, out, err = run(["eval", str(dev), "--labels", str(manifest), "--json"], env)
+    assert code == 0, err
+    zero_shot = json.loads(out)
+    assert zero_shot["method"] == "zero-shot" and zero_shot["train"] is None
+    assert set(zero_shot["by_source"]) == {"Shop-EN", "Clinic-ZH"} and zero_shot["accuracy"] > 1 / 3
+
+    stray = tmp_path / "stray.jsonl"
+    write_jsonl(stray, [*label_set_rows(LABEL_SET_DEV)[:2], {"text": "hi", "label": "refund", "source": "Bank"}])
+    code, _, err = run(["eval", str(stray), "--labels", str(manifest)], env)
+    assert code == 2 and f"{stray} line 3: source 'Bank' is not in the label manifest" in err, err
+    write_jsonl(stray, [{"text": "hi", "label": "cost", "source": "Shop-EN"}])
+    code, _, err = run(["eval", str(dev), "--labels", str(manifest), "--train", str(stray)], env)
+    assert code == 2 and f"{stray} line 1: label 'cost' is not one of Shop-EN's labels" in err, err
+
+
 FORTY_TEXTS = [
     *(
         "今天的实验终于成功了,太棒了!",

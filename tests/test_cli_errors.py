@@ -84,6 +84,31 @@ def test_bad_eval_files_name_the_line(cli, tmp_path, content, message):
     assert message in err
 
 
+@pytest.mark.parametrize(
+    "manifest,message",
+    [
+        (b'{"Shop": [{"label": "a"}, ', "labels.json: invalid JSON"),
+        (b"\xff\xfe", "labels.json: 'utf-8' codec can't decode"),
+        (b"[]", "labels.json: expected an object of source -> label list"),
+        (b'{"Shop": "a, b"}', "labels.json: Shop: expected a list of labels"),
+        (
+            b'{"Shop": [{"label": "a"}, {"name": "b"}]}',
+            "labels.json: Shop[1]: expected {'label': ..., 'description': ...}",
+        ),
+        (b'{"Shop": [{"label": "a"}, {"label": "a"}]}', "duplicate label 'a'"),
+        (b'{"Shop": [{"label": "a"}]}', "labels.json (Shop): labels: 1 label(s); a role has 2 to 200"),
+    ],
+)
+def test_a_broken_label_manifest_is_named_before_the_model_loads(cli, tmp_path, manifest, message):
+    labels, data = tmp_path / "labels.json", tmp_path / "data.jsonl"
+    labels.write_bytes(manifest)
+    write_jsonl(data, [{"text": "hi", "label": "a", "source": "Shop"}])
+    code, _, err = cli(["eval", str(data), "--labels", str(labels)])
+    assert code == 2 and message in err, err
+    code, _, err = cli(["eval", str(data), "--train", str(data)])
+    assert code == 2 and "--train goes with --labels" in err
+
+
 def test_bad_batch_file_names_the_line_and_writes_nothing(cli, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(b'{"text": "fine"}\n{oops}\n')
