@@ -225,3 +225,28 @@ def test_ray_requests_that_cannot_run_exit_2_before_any_work(cli, tmp_path, args
     code, _, err = cli(args)
     assert code == 2 and message in err, err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_train_head_label_map_renames_and_leaves_out_labels_of_another_task(cli, tmp_path):
+    """An emotion file teaches the mood through --label-map: mapped labels count as the role's,
+    '-' and '*' leave lines out, and a map to a label the role lacks is refused before any work."""
+    emotions = tmp_path / "emotions.jsonl"
+    rows = [{"text": f"so happy {i}", "label": "joy"} for i in range(20)]
+    rows += [{"text": f"so sad {i}", "label": "sadness"} for i in range(2)]
+    rows += [{"text": f"oh! {i}", "label": "surprise"} for i in range(10)]
+    write_jsonl(emotions, rows)
+    code, _, err = cli(["train-head", str(emotions), "--label-map", "joy=positive,sadness=negative,*=-"])
+    assert code == 2 and "only 2 'negative'" in err, err  # mapped and counted; surprise left out
+    code, _, err = cli(["train-head", str(emotions), "--label-map", "joy=positive,sadness=negative"])
+    assert code == 2 and "emotions.jsonl line 23: 'label' must be one of positive, negative, got 'surprise'" in err
+    for spec, message in [
+        ("joy=happy", "'happy' is not one of positive, negative"),
+        ("joy", "expected FROM=TO"),
+        ("joy=positive,joy=negative", "'joy' is mapped twice"),
+        (",", "label map is empty"),
+    ]:
+        code, _, err = cli(["train-head", str(emotions), "--label-map", spec])
+        assert code == 2 and message in err, (spec, err)
+    code, _, err = cli(["train-head", "--label-map", "joy=positive"])
+    assert code == 2 and "--label-map renames the labels of DATA files" in err
+    assert not (cli.home / "heads").exists()

@@ -244,7 +244,7 @@ def _eval_label_sets(args, settings: Settings) -> int:
 
 
 def cmd_train_head(args, settings: Settings) -> int:
-    from ..evaluation.data import DataError, load_labelled
+    from ..evaluation.data import DataError, load_labelled, parse_label_map
     from ..roles.definition import RoleError
     from ..roles.head import HeadError, check_training_labels, heldout_count, train_head
     from ..service import CHAT_ROLE, discover_roles, mood_role
@@ -259,7 +259,10 @@ def cmd_train_head(args, settings: Settings) -> int:
         if role.kind != "choice":
             raise CliError(f"role {role.name!r} is a {role.kind} role: heads are for choice and extract roles")
         if args.data:
-            items = load_labelled(*args.data, labels=role.label_names)
+            label_map = parse_label_map(args.label_map, role.label_names) if args.label_map else None
+            items = load_labelled(*args.data, labels=role.label_names, label_map=label_map)
+        elif args.label_map:
+            raise CliError("--label-map renames the labels of DATA files: give them")
         else:
             items = [{"text": e.text, "label": e.label} for e in role.examples]
             if not items:
@@ -548,6 +551,12 @@ def register(command) -> None:
         help="read the residual stream after K transformer blocks (default: 5/8 of the model's "
         "depth, 15 of 24 for the default model, where the analyst's pass stops; lower is faster, "
         "higher may be more accurate; for --role chat the last block but one, free there)",
+    )
+    p.add_argument(
+        "--label-map",
+        metavar="FROM=TO,...",
+        help="rename the DATA files' labels to the role's (e.g. joy=positive,sadness=negative); "
+        "TO '-' leaves those lines out, FROM '*' stands for every other label that is not the role's",
     )
     p.add_argument(
         "--no-ngrams",

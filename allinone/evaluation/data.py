@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -12,12 +12,18 @@ class DataError(ValueError):
 
 
 def read_jsonl(
-    path: str | Path, *, labels: Sequence[str] | None = None, field: str = "text", alias: str | None = None
+    path: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    field: str = "text",
+    alias: str | None = None,
+    label_map: Mapping[str, str | None] | None = None,
 ) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line; raise DataError naming a bad line.
     With `labels`, every line needs a 'label' among them. A line without `field` may carry it as
     `alias` (and its label as 'sentiment', the chat files' name for it); the object then gets both
-    under the usual names."""
+    under the usual names. `label_map` renames a file's labels to the role's before that check (see
+    parse_label_map); a line whose label maps to None is skipped."""
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -45,6 +51,11 @@ def read_jsonl(
             if not isinstance(text, str) or not text.strip():
                 also = f" (or '{alias}')" if alias else ""
                 raise DataError(f"{path} line {number}: needs a non-empty string field '{field}'{also}")
+            if label_map and isinstance(obj.get("label"), str) and obj["label"] not in (labels or ()):
+                mapped = label_map.get(obj["label"], label_map.get("*", obj["label"]))
+                if mapped is None:
+                    continue
+                obj["label"] = mapped
             if labels is not None:
                 label = obj.get("label")
                 if isinstance(label, str) and label not in labels:
@@ -57,11 +68,34 @@ def read_jsonl(
             yield number, obj
 
 
-def load_labelled(*paths: str | Path, labels: Sequence[str]) -> list[dict]:
-    """Labelled texts from one or more files, each label one of `labels`: `text` and `label`, or a
-    chat file's `message` and `sentiment` (chat-real-*.jsonl), so that a head can learn from
-    messages written to a listener."""
-    return [obj for path in paths for _, obj in read_jsonl(path, labels=labels, alias="message")]
+def load_labelled(
+    *paths: str | Path, labels: Sequence[str], label_map: Mapping[str, str | None] | None = None
+) -> list[dict]:
+    """Labelled texts from one or more files, each label one of `labels` (after `label_map`):
+    `text` and `label`, or a chat file's `message` and `sentiment` (chat-real-*.jsonl), so that a
+    head can learn from messages written to a listener."""
+    return [obj for path in paths for _, obj in read_jsonl(path, labels=labels, alias="message", label_map=label_map)]
+
+
+def parse_label_map(spec: str, labels: Sequence[str]) -> dict[str, str | None]:
+    """`joy=positive,sadness=negative,*=-`: a data file's label -> one of the role's `labels`, or
+    `-` to leave its lines out; `*` stands for every other label that is not the role's. Lets a
+    head learn from a file labelled for another task (emotion-train.jsonl for the mood)."""
+    mapping: dict[str, str | None] = {}
+    for entry in spec.split(","):
+        if not entry.strip():
+            continue
+        source, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or not source or not target:
+            raise DataError(f"label map entry {entry.strip()!r}: expected FROM=TO (TO a label, or - to leave out)")
+        if target != "-" and target not in labels:
+            raise DataError(f"label map entry {entry.strip()!r}: {target!r} is not one of {', '.join(labels)}")
+        if source in mapping:
+            raise DataError(f"label map: {source!r} is mapped twice")
+        mapping[source] = None if target == "-" else target
+    if not mapping:
+        raise DataError("label map is empty")
+    return mapping
 
 
 def load_phrased(*paths: str | Path) -> list[dict]:
