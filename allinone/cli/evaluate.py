@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -216,7 +218,9 @@ def _eval_label_sets(args, settings: Settings) -> int:
     if train_rows:
         with progress_bar(total=len(train_rows), desc="heads per source", disable=args.quiet) as bar:
             try:
-                heads = heads_for_sources(assistant, roles, train_rows, bar.update, announce=bar.write)
+                # tqdm's write goes to stdout unless told: --json output must stay one JSON object.
+                announce = functools.partial(bar.write, file=sys.stderr)
+                heads = heads_for_sources(assistant, roles, train_rows, bar.update, announce=announce)
             except (DataError, HeadError) as err:
                 raise CliError(str(err)) from None
     started = time.perf_counter()
