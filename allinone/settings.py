@@ -45,13 +45,13 @@ class Settings(BaseSettings):
         "one, the analyst scores the message on a pass of its own.",
     )
     second_opinion_below: float = Field(
-        0.7,
+        0.6,
         ge=0.5,
         le=1.0,
         description="Respond flow with a chat head: when the head's probability for its label is "
         "below this, the analyst also reads the message on its own pass and its answer is the one "
         "shown and told to the chat role (the chat head misreads more real messages than the "
-        "analyst; about 1 message in 6 takes the extra pass). 0.5 = never.",
+        "analyst; how many messages take the extra pass: docs/chat.md). 0.5 = never.",
     )
     chat_adapter: bool = Field(
         True,
