@@ -137,11 +137,13 @@ def format_chat(chat: dict) -> list[str]:
         )
     ]
     if "own_weights" in chat:
-        cost = chat["adapter_cost"]
+        cost, paired = chat["adapter_cost"], chat["adapter_cost_paired"]
         lines.append(
             f"the same flow without the chat adapter (the model's own weights): {flow(chat['own_weights'])}; "
             f"with/without: sentiment {cost['sentiment_ms_ratio']:.2f}, first token "
-            f"{cost['first_token_ms_ratio']:.2f}, tokens/s {cost['decode_tokens_per_s_ratio']:.2f}"
+            f"{cost['first_token_ms_ratio']:.2f}, tokens/s {cost['decode_tokens_per_s_ratio']:.2f} "
+            f"(message by message, median: {paired['sentiment_ms_ratio']:.2f}, "
+            f"{paired['first_token_ms_ratio']:.2f}, {paired['decode_tokens_per_s_ratio']:.2f})"
         )
     if "two_passes" in chat:
         lines.append(
