@@ -326,8 +326,8 @@ def bench_chat(assistant, raw, messages: list[str], progress: Callable[[], None]
             "decode_tokens_per_s_ratio": summary["ours"]["decode_tokens_per_s"] / own["decode_tokens_per_s"],
         }
         # The same three, message by message (both flows ran it back to back), then the median:
-        # a long message is slow in both flows and the machine's drift hits both alike, so these
-        # move far less from run to run than the ratios of two medians above.
+        # a long message is slow in both flows and the machine's drift hits both alike, which a
+        # ratio of two medians does not cancel.
         paired = {
             "sentiment_ms_ratio": "sentiment",
             "first_token_ms_ratio": "first",
