@@ -250,3 +250,16 @@ def test_train_head_label_map_renames_and_leaves_out_labels_of_another_task(cli,
     code, _, err = cli(["train-head", "--label-map", "joy=positive"])
     assert code == 2 and "--label-map renames the labels of DATA files" in err
     assert not (cli.home / "heads").exists()
+
+
+def test_a_label_map_applies_only_to_labels_the_role_lacks(tmp_path):
+    """A role's own label, even capitalised, keeps its meaning when '*' leaves the others out."""
+    from allinone.evaluation.data import load_labelled, parse_label_map
+
+    data = tmp_path / "mixed.jsonl"
+    write_jsonl(
+        data, [{"text": "a", "label": "Positive"}, {"text": "b", "label": "joy"}, {"text": "c", "label": "awe"}]
+    )
+    label_map = parse_label_map("joy=negative,*=-", ["positive", "negative"])
+    rows = load_labelled(data, labels=["positive", "negative"], label_map=label_map)
+    assert [(r["text"], r["label"]) for r in rows] == [("a", "positive"), ("b", "negative")]

@@ -33,9 +33,16 @@ def load_assistant(settings: Settings, **options):
 
 
 def progress_bar(**kwargs):
+    """A tqdm bar on stderr whose `write` (a line above the bar) goes to stderr too: tqdm's own
+    write is a classmethod that prints to stdout, which would break a command's --json output."""
     from tqdm import tqdm
 
-    return tqdm(file=sys.stderr, dynamic_ncols=True, **{"unit": "text", **kwargs})
+    class StderrBar(tqdm):
+        @classmethod
+        def write(cls, s, file=None, end="\n", nolock=False):
+            super().write(s, file=file or sys.stderr, end=end, nolock=nolock)
+
+    return StderrBar(file=sys.stderr, dynamic_ncols=True, **{"unit": "text", **kwargs})
 
 
 def warn(message: str) -> None:

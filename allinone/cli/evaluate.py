@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -218,9 +216,7 @@ def _eval_label_sets(args, settings: Settings) -> int:
     if train_rows:
         with progress_bar(total=len(train_rows), desc="heads per source", disable=args.quiet) as bar:
             try:
-                # tqdm's write goes to stdout unless told: --json output must stay one JSON object.
-                announce = functools.partial(bar.write, file=sys.stderr)
-                heads = heads_for_sources(assistant, roles, train_rows, bar.update, announce=announce)
+                heads = heads_for_sources(assistant, roles, train_rows, bar.update, announce=bar.write)
             except (DataError, HeadError) as err:
                 raise CliError(str(err)) from None
     started = time.perf_counter()

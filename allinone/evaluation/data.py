@@ -22,8 +22,8 @@ def read_jsonl(
     """Yield (line number, object) for every non-blank line; raise DataError naming a bad line.
     With `labels`, every line needs a 'label' among them. A line without `field` may carry it as
     `alias` (and its label as 'sentiment', the chat files' name for it); the object then gets both
-    under the usual names. `label_map` renames a file's labels to the role's before that check (see
-    parse_label_map); a line whose label maps to None is skipped."""
+    under the usual names. With `labels`, `label_map` renames a label that is not among them before
+    that check (see parse_label_map); a line whose label maps to None is skipped."""
     path = Path(path)
     try:
         handle = open(path, "rb")
@@ -51,16 +51,15 @@ def read_jsonl(
             if not isinstance(text, str) or not text.strip():
                 also = f" (or '{alias}')" if alias else ""
                 raise DataError(f"{path} line {number}: needs a non-empty string field '{field}'{also}")
-            if label_map and isinstance(obj.get("label"), str) and obj["label"] not in (labels or ()):
-                mapped = label_map.get(obj["label"], label_map.get("*", obj["label"]))
-                if mapped is None:
-                    continue
-                obj["label"] = mapped
             if labels is not None:
                 label = obj.get("label")
                 if isinstance(label, str) and label not in labels:
                     # Labels are matched as written; a capitalised or padded one is forgiven.
                     label = next((name for name in labels if name.lower() == label.strip().lower()), label)
+                if label_map and isinstance(label, str) and label not in labels:
+                    label = label_map.get(label, label_map.get("*", label))
+                    if label is None:
+                        continue
                 if label not in labels:
                     shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
                     raise DataError(f"{path} line {number}: 'label' must be one of {shown}, got {obj.get('label')!r}")
