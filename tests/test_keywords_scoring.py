@@ -57,3 +57,24 @@ def test_summary_by_language_and_missing_answers_score_zero():
     report = summarize(rows, {"e": ["neural networks"]})
     assert report["n"] == 2 and report["by_lang"]["zh"]["f1@5"] == 0.0
     assert report["by_lang"]["en"]["f1@5"] == pytest.approx(2 * 0.2 * 1.0 / 1.2, abs=1e-4)
+
+
+def test_the_stemmer_is_nltks_porter_without_the_rest_of_nltk():
+    """The scorer's stemmer must not import all of NLTK (scipy included: ~90 MB in every keywords
+    eval's peak memory), must stem as NLTK's PorterStemmer does, and must leave `import nltk` real."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from allinone.evaluation.keywords import _stemmer
+stem = _stemmer().stem
+light = sorted(m for m in sys.modules if m == "nltk" or m.startswith(("nltk.", "scipy")))
+words = "networks running generously happiness relational conditional agreed feed probabilities dying".split()
+ours = [stem(w) for w in words]
+from nltk.stem import PorterStemmer
+import nltk
+print(light, ours == [PorterStemmer().stem(w) for w in words], hasattr(nltk, "word_tokenize"))
+"""
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["[]", "True", "True"]

@@ -25,9 +25,36 @@ _WORD_BREAK = re.compile(r"[^\w]+")
 
 @lru_cache(maxsize=1)
 def _stemmer():
-    from nltk.stem import PorterStemmer  # pure Python; no NLTK data needed
+    """NLTK's Porter stemmer (pure Python, no NLTK data), without running `nltk/__init__`: that
+    imports most of NLTK, scipy included, and its ~90 MB would count in the peak memory of every
+    keywords eval (docs/benchmarks.md). The stemmer's own modules are loaded under a stand-in
+    package, and sys.modules is left as it was, so a later `import nltk` is the real one."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
 
-    return PorterStemmer()
+    if "nltk" in sys.modules:
+        from nltk.stem.porter import PorterStemmer
+
+        return PorterStemmer()
+    spec = importlib.util.find_spec("nltk")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the keywords scorer needs nltk (pip install nltk)")
+    before = set(sys.modules)
+    package = types.ModuleType("nltk")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["nltk"] = package
+    try:
+        stem = types.ModuleType("nltk.stem")
+        stem.__path__ = [f"{package.__path__[0]}/stem"]
+        sys.modules["nltk.stem"] = stem
+        porter = importlib.import_module("nltk.stem.porter")
+        return porter.PorterStemmer()
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "nltk" or name.startswith("nltk."):
+                del sys.modules[name]
 
 
 def normalise(phrase: str) -> str:
