@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from allinone.roles.head import ChoiceHead, HeadError, mix, train_head
-from allinone.roles.ngrams import NgramModel, grams
+from allinone.roles.ngrams import NGRAM_SHARE, NgramModel, grams
 from tests.fake_engine import FakeEngine, make_analyst
 
 
@@ -50,10 +50,10 @@ def test_a_text_with_no_known_gram_leaves_the_bias_alone():
     assert np.allclose(model.logits(["zzz"])[0], model.bias)
 
 
-def test_mix_is_the_normalised_geometric_mean():
+def test_mix_is_the_normalised_weighted_geometric_mean():
     head = np.array([0.7, 0.2, 0.1])
     ngram_logits = np.log(np.array([0.1, 0.6, 0.3]))
-    expected = np.sqrt(head * np.array([0.1, 0.6, 0.3]))
+    expected = head ** (1 - NGRAM_SHARE) * np.array([0.1, 0.6, 0.3]) ** NGRAM_SHARE
     assert np.allclose(mix(head, ngram_logits), expected / expected.sum())
     assert np.allclose(mix(head, ngram_logits + 5.0), mix(head, ngram_logits))  # logits up to a constant
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ngrams import NgramModel
+from .ngrams import NGRAM_SHARE, NgramModel
 
 HEAD_FORMAT = 4  # 4: a row per label and the label list; 3 added the adapter; 2 and 3 are two-label
 # The heads that ship with the package; a head the user trains lives in <home>/heads and wins.
@@ -276,9 +276,11 @@ class ChoiceHead:
 
 
 def mix(head_probabilities: np.ndarray, ngram_logits: np.ndarray) -> np.ndarray:
-    """The normalised geometric mean of the hidden-state head's and the n-gram model's
-    probabilities (softmax ignores the n-gram normaliser, the same for every label)."""
-    return softmax(0.5 * np.log(np.asarray(head_probabilities) + 1e-12) + 0.5 * np.asarray(ngram_logits))
+    """The normalised weighted geometric mean of the hidden-state head's and the n-gram model's
+    probabilities, NGRAM_SHARE to the n-grams (softmax ignores the n-gram normaliser, the same for
+    every label)."""
+    hidden = np.log(np.asarray(head_probabilities) + 1e-12)
+    return softmax((1 - NGRAM_SHARE) * hidden + NGRAM_SHARE * np.asarray(ngram_logits))
 
 
 # ---- training -------------------------------------------------------------------------------
