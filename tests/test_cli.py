@@ -230,6 +230,27 @@ def test_bench_smoke_compares_methods_in_one_run(cli_env, tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_memory_reads_a_real_server_after_each_workload(cli_env, tmp_path):
+    for name in ("sentiment-dev", "intent-dev", "emotion-dev"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": "快递三天没动了,怎么回事?"}, {"text": "Great service!"}])
+    write_jsonl(tmp_path / "keywords-dev.jsonl", [{"text": "Neural networks for image denoising. " * 30}])
+    write_jsonl(
+        tmp_path / "chat-real-dev.jsonl", [{"message": m} for m in ("今天升职了!", "My cat is sick.", "它好多了")]
+    )
+    code, out, err = run(
+        ["bench-memory", "--data-dir", str(tmp_path), "--limit", "2", "--reply-max-tokens", "12", "--json"],
+        cli_env,
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    loaded = report["after_load"]
+    assert [w["requests"] for w in report["workloads"]] == [2, 4, 1, 2, 2, 2]
+    peaks = [loaded["peak_rss_mb"]] + [w["peak_rss_mb"] for w in report["workloads"]]
+    assert loaded["rss_mb"] > 100 and peaks == sorted(peaks) and report["peak_rss_mb"] == peaks[-1]
+    assert all(w["rss_mb"] <= w["peak_rss_mb"] for w in report["workloads"])
+
+
+@pytest.mark.slow
 def test_bench_runs_the_original_recipe_and_our_scoring_on_its_float32_model(cli_env, tmp_path, tiny_model_dir):
     """The slow baselines, on the tiny Qwen2 built by the tests instead of the real float32 model."""
     data = tmp_path / "data.jsonl"

@@ -263,3 +263,18 @@ def test_a_label_map_applies_only_to_labels_the_role_lacks(tmp_path):
     label_map = parse_label_map("joy=negative,*=-", ["positive", "negative"])
     rows = load_labelled(data, labels=["positive", "negative"], label_map=label_map)
     assert [(r["text"], r["label"]) for r in rows] == [("a", "positive"), ("b", "negative")]
+
+
+def test_bench_memory_checks_its_data_before_starting_a_server(cli, tmp_path):
+    code, _, err = cli(["bench-memory", "--data-dir", str(tmp_path / "nowhere")])
+    assert code == 2 and "no such file" in err
+    code, _, err = cli(["bench-memory", "--limit", "0"])
+    assert code == 2 and "--limit must be at least 1" in err
+    for name in ("intent-dev", "emotion-dev", "keywords-dev", "sentiment-dev"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": "好"}])
+    (tmp_path / "chat-real-dev.jsonl").write_text('{"message": "ok"}\n{"message": \n', encoding="utf-8")
+    code, _, err = cli(["bench-memory", "--data-dir", str(tmp_path)])
+    assert code == 2 and "chat-real-dev.jsonl, line 2: invalid JSON" in err
+    write_jsonl(tmp_path / "chat-real-dev.jsonl", [{"text": "a message without its field"}])
+    code, _, err = cli(["bench-memory", "--data-dir", str(tmp_path)])
+    assert code == 2 and "needs a non-empty string field 'message'" in err

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, evaluate, models, scale, use
+from . import bench, evaluate, memory, models, scale, use
 from .common import CliError
 from .flags import add_settings_flags, settings_from_args
 
-GROUPS = (models, use, evaluate, bench, scale)
+GROUPS = (models, use, evaluate, bench, memory, scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
