@@ -35,3 +35,26 @@ def peak_rss_mb() -> float:
     if value is None:
         value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return value
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def settle_malloc() -> bool:
+    """Keep glibc's allocator from holding freed memory: by default it raises its mmap threshold
+    each time a large block is freed (up to 32 MiB), after which a pass's temporary arrays come
+    from the heap and stay resident once freed, and every thread gets an arena of its own. A fixed
+    threshold and two arenas lower a server's peak a little (docs/benchmarks.md). Call before
+    threads start; False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, 128 * 1024)) and bool(mallopt(_M_ARENA_MAX, 2))

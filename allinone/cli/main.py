@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..machine import settle_malloc
 from . import bench, evaluate, memory, models, scale, use
 from .common import CliError
 from .flags import add_settings_flags, settings_from_args
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    settle_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
