@@ -137,3 +137,49 @@ def test_default_weights_fall_back_to_the_original_until_derived(tmp_path):
     assert resolve_model_path(None, home, "q4_k_m") == default_model_path(home, DEFAULT_MODEL)
     with pytest.raises(ModelError, match="unknown default weights"):
         resolve_model_path(None, home, "q2")
+
+
+# ---- a tensor left out (the default model's separate output projection) ----
+
+
+def tiny_gguf(path, tensors: dict) -> bytes:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch="qwen2")
+    writer.add_uint32("qwen2.block_count", 1)
+    writer.add_string("general.name", "tiny")
+    for name, shape in tensors.items():
+        writer.add_tensor(name, np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + len(name))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_a_gguf_copied_without_a_tensor_is_what_gguf_writes_without_it(tmp_path):
+    from allinone.model.gguf_info import GGUFError, read_metadata, write_without_tensor
+
+    shapes = {"token_embd.weight": (7, 3), "output.weight": (7, 3), "output_norm.weight": (5,)}
+    tiny_gguf(tmp_path / "full.gguf", shapes)
+    expected = tiny_gguf(tmp_path / "expected.gguf", {k: v for k, v in shapes.items() if k != "output.weight"})
+    write_without_tensor(tmp_path / "full.gguf", tmp_path / "tied.gguf", "output.weight")
+    assert (tmp_path / "tied.gguf").read_bytes() == expected
+    assert read_metadata(tmp_path / "tied.gguf")["general.name"] == "tiny"
+    with pytest.raises(GGUFError, match="no tensor 'lm_head'"):
+        write_without_tensor(tmp_path / "full.gguf", tmp_path / "x.gguf", "lm_head")
+
+
+def test_the_derivation_drops_its_tensors_before_verifying(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from allinone.model.store import derive_model
+
+    full = tiny_gguf(tmp_path / "full.gguf", {"token_embd.weight": (4, 2), "output.weight": (4, 2)})
+    tied = tiny_gguf(tmp_path / "tied.gguf", {"token_embd.weight": (4, 2)})
+    home, _, derived, _ = derived_setup(tmp_path, monkeypatch, full)
+    derived = replace(derived, size=len(tied), sha256=hashlib.sha256(tied).hexdigest(), drop_tensors=("output.weight",))
+    path = derive_model(home, derived, progress=lambda m: None)
+    assert path.read_bytes() == tied and is_installed(home, derived)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["tiny-fast.gguf", "tiny.gguf"])
