@@ -40,8 +40,8 @@ def test_model_json(cli_env):
     assert code == 0, err
     info = json.loads(out)
     # the derived fast form of the default model, made by `make setup` (install-model)
-    assert info["sha256"] == "9f0542451a4dea923285b3266ca5c7cafb7eaf34dd4fea92f12396bb22e11f8a"
-    assert info["size"] == 352_154_432 and info["verified"] is True
+    assert info["sha256"] == "360bc2830f3df042679576c8342bcf124fb1deb8dbb18e2f31eff2aa3e72448c"
+    assert info["size"] == 496_797_568 and info["verified"] is True
     assert info["architecture"] == "qwen2" and info["context_length"] == 32768
     code, out, err = run(["model", "--json", "--default-weights", "q4_k_m"], cli_env)
     info = json.loads(out)

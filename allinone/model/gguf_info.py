@@ -1,10 +1,9 @@
-"""Read a GGUF file's metadata without loading the weights (for `allinone model`), and copy one
-without a tensor (the default model's derivation). gguf's own GGUFReader does the same but takes
-~15 s on a 152k-token vocabulary; this takes a fraction of a second."""
+"""Read a GGUF file's metadata without loading the weights (for `allinone model`). gguf's own
+GGUFReader does the same but takes ~15 s on a 152k-token vocabulary; this takes a fraction of a
+second."""
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -80,55 +79,3 @@ def summarize(meta: dict) -> dict:
         "file_type": meta.get("general.file_type"),
         "has_chat_template": "tokenizer.chat_template" in meta,
     }
-
-
-def _read_tensor_infos(f: BinaryIO, n_tensors: int) -> list[tuple[str, bytes, int]]:
-    """(name, the info's bytes after the name up to its offset, offset) for each tensor."""
-    infos = []
-    for _ in range(n_tensors):
-        name = _read_string(f)
-        n_dims = _read(f, "<I")
-        dims_and_type = f.read(8 * n_dims + 4)  # the dimensions, then the ggml type
-        if len(dims_and_type) != 8 * n_dims + 4:
-            raise GGUFError("truncated GGUF tensor info")
-        infos.append((name, struct.pack("<I", n_dims) + dims_and_type, _read(f, "<Q")))
-    return infos
-
-
-def write_without_tensor(source: str | Path, target: str | Path, drop: str) -> None:
-    """Copy a GGUF without the tensor named `drop`: the metadata byte for byte, every other tensor's
-    data in the same order, offsets recomputed. (The default model's output projection is dropped
-    so that llama.cpp uses the token embeddings for it: model/store.py says why.)"""
-    with open(source, "rb") as f:
-        meta, n_tensors = _read_header(f, source)
-        metadata_end = f.tell()
-        infos = _read_tensor_infos(f, n_tensors)
-        alignment = int(meta.get("general.alignment", 32))
-        data_start = -(-f.tell() // alignment) * alignment
-        file_size = os.fstat(f.fileno()).st_size
-        if drop not in {name for name, _, _ in infos}:
-            raise GGUFError(f"{source} has no tensor {drop!r}")
-        # Each tensor's span runs to the next tensor's data (padding included, so spans stay aligned).
-        offsets = sorted(offset for _, _, offset in infos) + [file_size - data_start]
-        span = {offset: offsets[i + 1] - offset for i, offset in enumerate(offsets[:-1])}
-        kept = [info for info in infos if info[0] != drop]
-        f.seek(0)
-        header = bytearray(f.read(metadata_end))
-        header[8:16] = struct.pack("<Q", len(kept))
-        with open(target, "wb") as out:
-            out.write(header)
-            new_offset = 0
-            for name, shape_and_type, offset in kept:
-                encoded = name.encode("utf-8")
-                out.write(struct.pack("<Q", len(encoded)) + encoded + shape_and_type + struct.pack("<Q", new_offset))
-                new_offset += span[offset]
-            out.write(b"\0" * (-out.tell() % alignment))
-            for _, _, offset in kept:
-                f.seek(data_start + offset)
-                remaining = span[offset]
-                while remaining:
-                    block = f.read(min(remaining, 1 << 24))
-                    if not block:
-                        raise GGUFError(f"{source} ends inside a tensor's data")
-                    out.write(block)
-                    remaining -= len(block)

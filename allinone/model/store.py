@@ -54,13 +54,7 @@ class DerivedModel:
     for q5_0. IQ4_NL has one (weights repacked 8x8 at load): measured on this 2-core machine,
     prompt prefill of a dev text is ~1.6x faster, one generated token ~20% faster. The output
     projection and embeddings stay Q8_0, as in the source. The quantizer is deterministic, so
-    the result has a known sha256 for the pinned llama-cpp-python; anything else is refused.
-
-    `drop_tensors`: left out after quantising. The source carries its output projection as a
-    tensor of its own, a 138 MiB second copy of the token embeddings (the two agree to
-    quantisation noise; Qwen2.5-0.5B ties them). Without it llama.cpp reads the token embeddings
-    for both: every process holds 138 MiB less, the hidden states are unchanged (the heads keep
-    their readings) and the logits move only by that noise (docs/benchmarks.md, session 12)."""
+    the result has a known sha256 for the pinned llama-cpp-python; anything else is refused."""
 
     name: str
     filename: str
@@ -69,18 +63,16 @@ class DerivedModel:
     keep_type: str  # ggml type of the output projection and token embeddings
     size: int
     sha256: str
-    drop_tensors: tuple[str, ...] = ()
 
 
 FAST_MODEL = DerivedModel(
-    name="Qwen2.5-Coder-0.5B-Instruct IQ4_NL, tied output (derived from the Q4_K_M)",
+    name="Qwen2.5-Coder-0.5B-Instruct IQ4_NL (derived from the Q4_K_M)",
     filename="qwen2.5-coder-0.5b-instruct-iq4_nl.gguf",
     source=DEFAULT_MODEL,
     ftype="IQ4_NL",
     keep_type="Q8_0",
-    size=352_154_432,
-    sha256="9f0542451a4dea923285b3266ca5c7cafb7eaf34dd4fea92f12396bb22e11f8a",
-    drop_tensors=("output.weight",),
+    size=496_797_568,
+    sha256="360bc2830f3df042679576c8342bcf124fb1deb8dbb18e2f31eff2aa3e72448c",
 )
 
 # Which form of the default model `--default-weights` names.
@@ -206,7 +198,6 @@ def derive_model(
     """Make the derived form of an installed, verified model; a no-op when already there. Same
     discipline as the download: a temporary file, size and sha256 checked, then a rename."""
     from ..engine.llamacpp import quantize_gguf
-    from .gguf_info import write_without_tensor
 
     target = default_model_path(home, spec)
     if is_installed(home, spec):
@@ -221,13 +212,6 @@ def derive_model(
     try:
         progress(f"deriving {spec.name} with llama.cpp's quantizer (1-2 minutes on 2 cores) ...")
         quantize_gguf(source, tmp, spec.ftype, keep_type=spec.keep_type, threads=threads, progress=progress)
-        for name in spec.drop_tensors:
-            without = tmp.with_name(tmp.name + ".without")
-            try:
-                write_without_tensor(tmp, without, name)
-                os.replace(without, tmp)
-            finally:
-                without.unlink(missing_ok=True)
         size, digest = tmp.stat().st_size, sha256_of(tmp)
         if (size, digest) != (spec.size, spec.sha256):
             raise ModelError(
